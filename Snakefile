@@ -1,0 +1,20 @@
+# The one definition of the DAG. Parameters: params.yaml. Run settings: workflow/profiles/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

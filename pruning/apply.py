@@ -1,0 +1,49 @@
+"""Assemble a pruned checkpoint: zero the masked expert weights and report the achieved sparsity."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def apply_layer_masks(adapter, layer, masks: dict[str, torch.Tensor]) -> None:
+    experts = adapter.experts(layer)
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(experts, name)
+        if masks[name].shape != param.shape:
+            raise ValueError(f"mask {name} has shape {tuple(masks[name].shape)}, weight has {tuple(param.shape)}")
+        param.mul_(masks[name].to(param.device, param.dtype))
+
+
+def _frac_zero(t: torch.Tensor) -> float:
+    return (t == 0).sum().item() / t.numel()
+
+
+@torch.no_grad()
+def sparsity_report(adapter, model) -> dict:
+    """Achieved sparsity per matrix (gate, up, down) of every expert, per layer and over all experts.
+
+    Router, attention, norms and embeddings are not pruned; their sparsity is reported as a check.
+    """
+    layers, zeros, total = {}, 0, 0
+    for i in adapter.moe_layer_indices():
+        layer = adapter.decoder_layers(model)[i]
+        experts = adapter.experts(layer)
+        inter = experts.down_proj.shape[-1]
+        per_expert = []
+        for e in range(adapter.num_experts):
+            gu, dn = adapter.gate_up(experts, e), adapter.down(experts, e)
+            per_expert.append({"gate": _frac_zero(gu[:inter]), "up": _frac_zero(gu[inter:]), "down": _frac_zero(dn)})
+        z = int((experts.gate_up_proj == 0).sum() + (experts.down_proj == 0).sum())
+        n = experts.gate_up_proj.numel() + experts.down_proj.numel()
+        zeros, total = zeros + z, total + n
+        layers[str(i)] = {"experts": per_expert, "layer": z / n, "router": _frac_zero(adapter.router(layer).weight)}
+    other = [p for n, p in model.named_parameters() if "experts" not in n]
+    other_zero = sum(int((p == 0).sum()) for p in other) / max(1, sum(p.numel() for p in other))
+    return {"expert_sparsity": zeros / total, "layers": layers, "non_expert_sparsity": other_zero}
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Every group of M consecutive input weights of every row has at least N zeros."""
+    rows, cols = weight.shape[-2:]
+    groups = (weight.reshape(-1, rows, cols // m, m) == 0).sum(-1)
+    return bool((groups >= n).all())

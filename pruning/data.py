@@ -1,0 +1,82 @@
+"""Token streams for training, calibration and evaluation.
+
+Sources: ``builtin`` (the stdlib corpus splits), a local text/JSONL file, or ``c4`` / ``wikitext2``
+through ``datasets`` when the hub can be reached (the Wanda protocol).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from .corpus import read_docs
+
+
+def tokenize_docs(tokenizer, docs: list[str]) -> torch.Tensor:
+    """Documents joined by the EOS token into one 1-D stream."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(stream: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at seeded random offsets: (n, seqlen)."""
+    if stream.numel() <= seqlen:
+        raise ValueError(f"token stream of {stream.numel()} tokens is shorter than seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=g)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping fixed-length windows (the tail shorter than seqlen is dropped): (n, seqlen)."""
+    n = stream.numel() // seqlen
+    if max_windows:
+        n = min(n, max_windows)
+    return stream[: n * seqlen].reshape(n, seqlen)
+
+
+def _hub_text(name: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    if name == "wikitext2":
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return ["\n\n".join(ds["text"])]
+    if name == "c4":
+        files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        ds = load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+        return list(ds["text"])
+    raise ValueError(name)
+
+
+def source_docs(source: str, split: str, corpus_dir=None) -> list[str]:
+    """Documents of ``split`` (train/validation/test) for a data source."""
+    if source == "builtin":
+        return read_docs(Path(corpus_dir) / f"{split}.jsonl")
+    if source in ("c4", "wikitext2"):
+        hub_split = {"validation": "validation", "test": "test" if source == "wikitext2" else "validation"}.get(split, split)
+        return _hub_text(source, hub_split)
+    p = Path(source)
+    if p.is_file():
+        return read_docs(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8")]
+    raise ValueError(f"unknown data source {source!r}: builtin, c4, wikitext2 or a local .txt/.jsonl file")
+
+
+def calibration_tokens(tokenizer, source, nsamples, seqlen, seed, corpus_dir=None) -> torch.Tensor:
+    """(nsamples, seqlen) calibration windows. c4 follows Wanda: random document longer than seqlen,
+    then a random window inside it; other sources draw windows from the joined training stream."""
+    docs = source_docs(source, "train", corpus_dir)
+    if source != "c4":
+        return random_windows(tokenize_docs(tokenizer, docs), nsamples, seqlen, seed)
+    rng = random.Random(seed)
+    out = []
+    while len(out) < nsamples:
+        ids = tokenizer(docs[rng.randint(0, len(docs) - 1)], add_special_tokens=False)["input_ids"]
+        if len(ids) > seqlen:
+            s = rng.randint(0, len(ids) - seqlen - 1)
+            out.append(torch.tensor(ids[s : s + seqlen]))
+    return torch.stack(out)

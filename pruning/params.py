@@ -1,0 +1,94 @@
+"""Validation of params.yaml: every problem is reported as one line naming the key and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .masks import Pattern
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _path(err) -> str:
+    parts = []
+    for p in err.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts) or "(top level)"
+
+
+def _message(err) -> str:
+    if err.validator == "enum":
+        return f"{err.instance!r} is not allowed; allowed values: {', '.join(map(str, err.validator_value))}"
+    if err.validator == "anyOf" and err.absolute_path and "sparsities" in err.absolute_path:
+        return f"{err.instance!r} is not a sparsity in (0, 1) nor an 'N:M' pattern"
+    if err.validator in ("exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"):
+        return f"{err.instance!r} is out of range ({err.validator} {err.validator_value})"
+    if err.validator == "additionalProperties":
+        return err.message.replace("Additional properties are not allowed", "unknown key")
+    return err.message
+
+
+def check_schema(config: dict, schema_path) -> None:
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        raise ParamsError(f"{_path(e)}: {_message(e)}")
+
+
+def check_semantics(config: dict) -> None:
+    for i, s in enumerate(config["prune"]["sparsities"]):
+        try:
+            Pattern.parse(s)
+        except ValueError as exc:
+            raise ParamsError(f"prune.sparsities[{i}]: {exc}") from None
+    if config["model"]["name_or_path"] == "builtin":
+        arch = config["tiny"]["arch"]
+        if arch["top_k"] > arch["num_experts"]:
+            raise ParamsError("tiny.arch.top_k: must not exceed tiny.arch.num_experts")
+        if arch["num_heads"] % arch["num_kv_heads"] or arch["hidden_size"] % arch["num_heads"]:
+            raise ParamsError("tiny.arch: hidden_size must divide by num_heads, num_heads by num_kv_heads")
+        for i, s in enumerate(config["prune"]["sparsities"]):
+            p = Pattern.parse(s)
+            if p.is_nm and (arch["hidden_size"] % p.m or arch["intermediate_size"] % p.m):
+                raise ParamsError(f"prune.sparsities[{i}]: M={p.m} must divide hidden_size and intermediate_size")
+
+
+def check_model(config: dict) -> dict:
+    """Resolve and check model.name_or_path; returns its config.json (or None for builtin)."""
+    from .checkpoint import check_moe_config, read_config, resolve_dir
+
+    m = config["model"]
+    if m["name_or_path"] == "builtin":
+        return None
+    try:
+        cfg = read_config(resolve_dir(m["name_or_path"]))
+        check_moe_config(cfg)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
+    return cfg
+
+
+def sparsity_token(value) -> str:
+    """Path-safe wildcard value: 0.5 -> '0.5', '2:4' -> '2of4'."""
+    p = Pattern.parse(value)
+    return f"{p.n}of{p.m}" if p.is_nm else f"{p.sparsity:g}"
+
+
+def parse_sparsity_token(token: str) -> Pattern:
+    return Pattern.parse(token.replace("of", ":"))
+
+
+def calib_id(calib: dict, seed: int) -> str:
+    """Directory name of a calibration cache: exactly what determines it."""
+    import hashlib
+
+    src = calib["source"]
+    if src not in ("builtin", "c4", "wikitext2"):
+        src = Path(src).stem + "-" + hashlib.sha256(src.encode()).hexdigest()[:8]
+    return f"{src}-n{calib['nsamples']}-l{calib['seqlen']}-s{seed}"

@@ -1,0 +1,76 @@
+"""Results tables and plots built only from the pipeline's own output files."""
+from __future__ import annotations
+
+import json
+
+from .masks import Pattern
+
+LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "moe_pruner": "MoE-Pruner"}
+
+
+def _sp_label(token: str) -> str:
+    p = Pattern.parse(token.replace("of", ":"))
+    return str(p) if p.is_nm else f"{p.sparsity:.0%}"
+
+
+def rows(variants: list[dict], ppl_files: list[str], sparsity_files: list[str]) -> list[dict]:
+    out = []
+    for v, pf, sf in zip(variants, ppl_files, sparsity_files):
+        ppl, sp = json.load(open(pf)), json.load(open(sf))
+        out.append({
+            "propagation": v["prop"], "method": v["method"], "sparsity": v["sp"], "label": _sp_label(v["sp"]),
+            "target_sparsity": sp["target_sparsity"], "expert_sparsity": sp["expert_sparsity"], "token_ppl": ppl["token_ppl"],
+        })
+    return out
+
+
+def markdown(rows: list[dict], dense_ppl: float, header: str) -> str:
+    """One table per propagation mode: methods as rows, sparsities as columns, token perplexity cells."""
+    lines = [header, ""]
+    for prop in dict.fromkeys(r["propagation"] for r in rows):
+        sub = [r for r in rows if r["propagation"] == prop]
+        cols = list(dict.fromkeys(r["sparsity"] for r in sub))
+        labels = {r["sparsity"]: r["label"] for r in sub}
+        lines += [f"Token perplexity (lower is better), `{prop}` propagation. Dense model: **{dense_ppl:.2f}**.", ""]
+        lines.append("| method | " + " | ".join(labels[c] for c in cols) + " |")
+        lines.append("|---|" + "---:|" * len(cols))
+        for method in dict.fromkeys(r["method"] for r in sub):
+            cells = {r["sparsity"]: r for r in sub if r["method"] == method}
+            best = {c: min(r["token_ppl"] for r in sub if r["sparsity"] == c) for c in cols}
+            fmt = lambda r: (f"**{r['token_ppl']:.2f}**" if r["token_ppl"] == best[r["sparsity"]] else f"{r['token_ppl']:.2f}")  # noqa: E731
+            lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(fmt(cells[c]) if c in cells else "" for c in cols) + " |")
+        lines.append("")
+        lines.append("Achieved expert sparsity: " + ", ".join(
+            sorted({f"{r['label']} → {r['expert_sparsity']:.4f}" for r in sub})) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], dense_ppl: float, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (prop, method) in dict.fromkeys((r["propagation"], r["method"]) for r in rows):
+        sub = sorted([r for r in rows if r["propagation"] == prop and r["method"] == method and r["label"].endswith("%")],
+                     key=lambda r: r["target_sparsity"])
+        nm = [r for r in rows if r["propagation"] == prop and r["method"] == method and not r["label"].endswith("%")]
+        line, = ax.plot([r["target_sparsity"] for r in sub], [r["token_ppl"] for r in sub], marker="o",
+                        label=f"{LABELS.get(method, method)} ({prop})")
+        for r in nm:
+            ax.scatter([r["target_sparsity"]], [r["token_ppl"]], marker="x", color=line.get_color())
+            ax.annotate(r["label"], (r["target_sparsity"], r["token_ppl"]), fontsize=7)
+    ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="dense")
+    ax.set_xlabel("expert-weight sparsity (x = N:M)")
+    ax.set_ylabel("token perplexity (log)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

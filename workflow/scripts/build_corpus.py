@@ -1,0 +1,9 @@
+from pruning import corpus
+from pruning.joblog import to_log
+
+log = to_log(snakemake.log[0])
+c = snakemake.params.corpus
+m = corpus.build(
+    snakemake.output[0].rsplit("/", 1)[0], val_frac=c["val_frac"], test_frac=c["test_frac"], max_files=c["max_files"]
+)
+log.info("corpus: %s", {s: (v["n_files"], v["bytes"]) for s, v in m["splits"].items()})

@@ -1,0 +1,42 @@
+import csv
+import io
+import json
+
+from pruning import report
+from pruning.atomic import write_json, write_text
+from pruning.joblog import to_log
+
+log = to_log(snakemake.log[0])
+inp, out, p = snakemake.input, snakemake.output, snakemake.params
+dense = json.load(open(inp.dense))
+rows = report.rows(p.variants, inp.variants, inp.sparsity)
+
+header = (
+    f"Model `{p.model}`, calibration `{p.calib_id}`, evaluation: token perplexity on the `{p.eval['dataset']}` "
+    f"test split, {dense['windows']} non-overlapping windows of {p.eval['seqlen']} tokens."
+)
+if inp.base_report:
+    b = json.load(open(inp.base_report[0]))
+    header += (
+        f"\n\nEmbedded tiny Mixtral ({b['parameters']:,} parameters, trained on {b['train_tokens']:,} tokens in "
+        f"{b['train_seconds'] / 60:.1f} min): validation token perplexity **{b['validation_ppl']:.2f}** vs "
+        f"**{b['unigram_ppl']:.2f}** for a unigram model of the training split."
+    )
+write_text(out.table, report.markdown(rows, dense["token_ppl"], header))
+report.plot(rows, dense["token_ppl"], out.plot)
+
+metrics = {"dense": {"token_ppl": dense["token_ppl"]}}
+for r in rows:
+    metrics.setdefault(r["propagation"], {}).setdefault(r["method"], {})[r["sparsity"]] = {
+        "token_ppl": r["token_ppl"], "expert_sparsity": r["expert_sparsity"]}
+write_json(out.json, metrics)
+
+buf = io.StringIO()
+fields = ["propagation", "method", "sparsity", "target_sparsity", "expert_sparsity", "token_ppl"]
+w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+w.writeheader()
+w.writerow({"propagation": "none", "method": "dense", "sparsity": "0", "target_sparsity": 0.0, "expert_sparsity": 0.0,
+            "token_ppl": dense["token_ppl"]})
+w.writerows(rows)
+write_text(out.csv, buf.getvalue())
+log.info("wrote %d rows", len(rows))
