@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -55,12 +56,30 @@ def write_json(path, obj) -> None:
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors with a canonical header, so the same tensors and metadata give the same bytes.
+
+    The safetensors writer emits metadata keys in hash-map order, which changes from process to process;
+    the header is rewritten with sorted keys (tensor data and offsets are untouched).
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        raw = tmp.with_name(tmp.name + ".raw")
+        try:
+            save_file(tensors, str(raw), metadata=meta)
+            with open(raw, "rb") as src, open(tmp, "wb") as dst:
+                (n,) = struct.unpack("<Q", src.read(8))
+                header = json.loads(src.read(n))
+                ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if meta else {}
+                ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+                blob = json.dumps(ordered, separators=(",", ":")).encode()
+                blob += b" " * (-len(blob) % 8)
+                dst.write(struct.pack("<Q", len(blob)) + blob)
+                shutil.copyfileobj(src, dst, 1 << 24)
+        finally:
+            raw.unlink(missing_ok=True)
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

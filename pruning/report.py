@@ -13,6 +13,12 @@ def _sp_label(token: str) -> str:
     return str(p) if p.is_nm else f"{p.sparsity:.0%}"
 
 
+def metric_key(token: str) -> str:
+    """Dot-free metric key of a sparsity token: '0.5' -> 'sp50', '2of4' -> '2of4'."""
+    p = Pattern.parse(token.replace("of", ":"))
+    return token if p.is_nm else f"sp{p.sparsity * 100:g}".replace(".", "_")
+
+
 def rows(variants: list[dict], ppl_files: list[str], sparsity_files: list[str]) -> list[dict]:
     out = []
     for v, pf, sf in zip(variants, ppl_files, sparsity_files):

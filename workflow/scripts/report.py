@@ -25,9 +25,10 @@ if inp.base_report:
 write_text(out.table, report.markdown(rows, dense["token_ppl"], header))
 report.plot(rows, dense["token_ppl"], out.plot)
 
-metrics = {"dense": {"token_ppl": dense["token_ppl"]}}
+# DVC flattens nested keys with '.', so keys carry no dots: unpruned.token_ppl, dense.wanda.sp50.token_ppl
+metrics = {"unpruned": {"token_ppl": dense["token_ppl"]}}
 for r in rows:
-    metrics.setdefault(r["propagation"], {}).setdefault(r["method"], {})[r["sparsity"]] = {
+    metrics.setdefault(r["propagation"], {}).setdefault(r["method"], {})[report.metric_key(r["sparsity"])] = {
         "token_ppl": r["token_ppl"], "expert_sparsity": r["expert_sparsity"]}
 write_json(out.json, metrics)
 

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from pruning.masks import Pattern, load_masks, nm_mask, pack, save_masks, select_mask, unpack, unstructured_mask
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (5, 13), (3, 7), (1, 9)])
+@pytest.mark.parametrize("s", [0.1, 0.5, 0.7, 0.99])
+def test_unstructured_rows_have_exact_zero_count(shape, s):
+    scores = torch.randn(shape)
+    mask = unstructured_mask(scores, s)
+    assert ((~mask).sum(1) == math.floor(s * shape[1])).all()
+    # the pruned entries of each row are exactly its lowest scores
+    for r in range(shape[0]):
+        pruned, kept = scores[r][~mask[r]], scores[r][mask[r]]
+        if pruned.numel() and kept.numel():
+            assert pruned.max() <= kept.min()
+
+
+def test_unstructured_hand_example_and_ties():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    mask = unstructured_mask(scores, 0.5)
+    assert mask.tolist() == [[True, False, True, False], [False, False, True, True]]  # ties: lower index pruned
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4)])
+def test_nm_groups_have_exactly_n_zeros(n, m):
+    scores = torch.randn(6, 4 * m)
+    mask = nm_mask(scores, n, m)
+    assert ((~mask).reshape(6, -1, m).sum(-1) == n).all()
+
+
+def test_nm_hand_example():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.1, 0.2, 0.3, 0.4]])
+    assert nm_mask(scores, 2, 4).tolist() == [[True, False, True, False, False, False, True, True]]
+
+
+def test_nm_requires_divisible_columns():
+    with pytest.raises(ValueError):
+        nm_mask(torch.randn(2, 6), 2, 4)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.1, "4:4", "5:4", "0:4"])
+def test_pattern_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        Pattern.parse(bad)
+
+
+def test_select_mask_dispatch():
+    s = torch.randn(4, 8)
+    assert torch.equal(select_mask(s, Pattern.parse("2:4")), nm_mask(s, 2, 4))
+    assert torch.equal(select_mask(s, Pattern.parse(0.25)), unstructured_mask(s, 0.25))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 11), (4, 8)])
+def test_pack_roundtrip_odd_sizes(shape):
+    mask = torch.rand(shape) > 0.5
+    packed = pack(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
+    assert torch.equal(unpack(packed, shape), mask)
+
+
+def test_mask_file_roundtrip(tmp_path):
+    masks = {"gate_up_proj": torch.rand(3, 10, 5) > 0.3, "down_proj": torch.rand(3, 5, 5) > 0.6}
+    save_masks(tmp_path / "m.safetensors", masks, {"method": "wanda", "layer": 1})
+    back, meta = load_masks(tmp_path / "m.safetensors")
+    assert meta["method"] == "wanda" and meta["layer"] == "1"
+    for k in masks:
+        assert torch.equal(back[k], masks[k])
+    assert not list(tmp_path.glob(".*tmp"))  # nothing half-written left behind
+
+
+def test_safetensors_bytes_are_canonical_across_processes(tmp_path):
+    """The same tensors and metadata give byte-identical files in different processes (hash-map order)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from pruning.atomic import save_safetensors; "
+        "save_safetensors(sys.argv[1], {'w': torch.arange(6.).reshape(2, 3), 'b': torch.ones(3, dtype=torch.uint8)}, "
+        "{f'k{i}': str(i) for i in range(12)})"
+    )
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        assert f.metadata() == {f"k{i}": str(i) for i in range(12)}
+        assert f.get_tensor("w").tolist() == [[0, 1, 2], [3, 4, 5]]

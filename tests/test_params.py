@@ -1,0 +1,78 @@
+"""Bad params.yaml fails at workflow load with one clear line; no job runs and nothing is written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = yaml.safe_load((ROOT / "tests/micro_params.yaml").read_text())
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "1"]
+
+
+def _dry_run(tmp_path, params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run(SNAKEMAKE + ["-n"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def _with(path, value):
+    p = yaml.safe_load(yaml.safe_dump(MICRO))
+    node = p
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    return p
+
+
+def _save_model(tmp_path, config):
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(d)
+    return str(d)
+
+
+def _dense_model(tmp_path):
+    from transformers import LlamaConfig
+
+    return _save_model(tmp_path, LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+
+
+def _unsupported_moe(tmp_path):
+    from transformers import Qwen2MoeConfig
+
+    return _save_model(tmp_path, Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+                                                moe_intermediate_size=8, shared_expert_intermediate_size=8))
+
+
+CASES = {
+    "unknown method": (lambda t: _with("prune.methods", ["wanda", "sparsegptx"]), "prune.methods[1]", "allowed values: magnitude, wanda, moe_pruner"),
+    "sparsity above 1": (lambda t: _with("prune.sparsities", [1.5]), "prune.sparsities[0]", "(0, 1)"),
+    "sparsity zero": (lambda t: _with("prune.sparsities", [0]), "prune.sparsities[0]", "(0, 1)"),
+    "N >= M": (lambda t: _with("prune.sparsities", ["4:4"]), "prune.sparsities[0]", "0 < N < M"),
+    "unknown propagation": (lambda t: _with("prune.propagation", ["lazy"]), "prune.propagation[0]", "dense, sequential"),
+    "unknown key": (lambda t: _with("prune.sparsity", 0.5), "prune", "unknown key"),
+    "missing model path": (lambda t: _with("model.name_or_path", "./no/such/model"), "model.name_or_path", "not a directory"),
+    "dense model": (lambda t: _with("model.name_or_path", _dense_model(t)), "model.name_or_path", "dense (non-MoE)"),
+    "unsupported MoE": (lambda t: _with("model.name_or_path", _unsupported_moe(t)), "qwen2_moe", "supported MoE families: mixtral"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_params_fail_early_with_one_line(tmp_path, case):
+    make, key, allowed = CASES[case]
+    r = _dry_run(tmp_path, make(tmp_path))
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("params.yaml: ") and key in lines[0] and allowed in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["params.yaml"], ["model", "params.yaml"])
+
+
+def test_valid_micro_params_dry_run(tmp_path):
+    r = _dry_run(tmp_path, MICRO)
+    assert r.returncode == 0, r.stderr

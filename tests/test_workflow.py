@@ -1,0 +1,121 @@
+"""End to end: the whole DAG on the micro config in a temp dir, then its rerun semantics."""
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pruning.masks import load_masks
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--resources", "gpu=2", "--cores", "2"]
+MICRO = yaml.safe_load((ROOT / "tests/micro_params.yaml").read_text())
+MICRO["artifacts"]["keep_pruned_checkpoints"] = True
+VARIANTS = "results/micro/builtin-n8-l32-s0"
+
+
+def smk(workdir, *args, timeout=1200):
+    r = subprocess.run(SNAKEMAKE + list(args), cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def planned_jobs(workdir, params) -> dict:
+    """Job counts per rule of a dry run with ``params`` (passed as an extra configfile, nothing edited)."""
+    (workdir / "changed.yaml").write_text(yaml.safe_dump(params))
+    out = smk(workdir, "-n", "--configfile", "changed.yaml")
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    (d / "params.yaml").write_text(yaml.safe_dump(MICRO))
+    smk(d)
+    return d
+
+
+def test_outputs_and_metrics(run):
+    metrics = json.loads((run / "metrics/ppl.json").read_text())
+    assert metrics["unpruned"]["token_ppl"] > 1
+    for prop in ("dense", "sequential"):
+        for method in MICRO["prune"]["methods"]:
+            for sp in ("0.5", "2of4"):
+                v = run / VARIANTS / prop / method / sp
+                assert metrics[prop][method][{"0.5": "sp50"}.get(sp, sp)]["token_ppl"] > 1
+                rep = json.loads((v / "sparsity.json").read_text())
+                assert rep["expert_sparsity"] == 0.5 and rep["non_expert_sparsity"] == 0.0
+                for layer in (0, 1):
+                    masks, meta = load_masks(v / f"masks/layer_{layer}.safetensors")
+                    assert meta["method"] == method and meta["propagation"] == prop and len(meta["stats_sha256"]) == 64
+                    for m in masks.values():
+                        assert (~m).sum().item() == m.numel() // 2
+    table = (run / "metrics/results.md").read_text()
+    assert "MoE-Pruner" in table and "Wanda" in table and "2:4" in table
+    assert (run / "metrics/ppl_vs_sparsity.png").stat().st_size > 1000
+    base = json.loads((run / "results/micro/base_report.json").read_text())
+    assert base["validation_ppl"] > 1 and base["unigram_ppl"] > 1
+    manifest = json.loads((run / "data/builtin/manifest.json").read_text())
+    assert sum(s["n_files"] for s in manifest["splits"].values()) > 0 and len(manifest["splits"]["test"]["sha256"]) == 64
+    for rule_log in ("calibrate/builtin-n8-l32-s0.log", "train_tiny.log"):
+        assert (run / "results/micro/logs" / rule_log).stat().st_size > 0
+    assert (run / "results/micro/benchmarks/calibrate/builtin-n8-l32-s0.tsv").exists()
+
+
+def test_assembled_checkpoint_is_standard_hf(run):
+    from transformers import AutoModelForCausalLM
+
+    from pruning.apply import check_nm
+
+    model = AutoModelForCausalLM.from_pretrained(run / VARIANTS / "dense/moe_pruner/2of4/checkpoint", use_safetensors=True)
+    for layer in model.model.layers:
+        assert check_nm(layer.mlp.experts.gate_up_proj, 2, 4) and check_nm(layer.mlp.experts.down_proj, 2, 4)
+        assert (layer.mlp.gate.weight != 0).all()  # router stays dense
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_sequential_matches_dense_on_layer0_and_differs_after(run):
+    from safetensors.torch import load_file
+
+    dense = [load_file(run / f"results/micro/calib/builtin-n8-l32-s0/dense/layer_{i}.stats.safetensors") for i in (0, 1)]
+    seq = [load_file(run / f"{VARIANTS}/sequential/wanda/0.5/seqcalib/layer_{i}.stats.safetensors") for i in (0, 1)]
+    for k in dense[0]:
+        assert torch.equal(dense[0][k], seq[0][k]), k
+    assert not torch.equal(dense[1]["gate_up.sum_x2"], seq[1]["gate_up.sum_x2"])
+
+
+def test_second_dry_run_has_nothing_to_do(run):
+    assert "Nothing to be done" in smk(run, "-n")
+
+
+def test_evaluation_param_change_reruns_only_evaluation(run):
+    changed = yaml.safe_load(yaml.safe_dump(MICRO))
+    changed["eval"]["max_windows"] = 8
+    jobs = planned_jobs(run, changed)
+    assert set(jobs) == {"evaluate_ppl", "evaluate_ppl_dense", "report", "all"}, jobs
+
+
+def test_method_or_sparsity_change_never_recalibrates(run):
+    changed = yaml.safe_load(yaml.safe_dump(MICRO))
+    changed["prune"]["sparsities"] = [0.5, "2:4", 0.6]
+    changed["prune"]["propagation"] = ["dense"]
+    jobs = planned_jobs(run, changed)
+    assert "calibrate" not in jobs and "train_tiny" not in jobs
+    n_methods = len(MICRO["prune"]["methods"])
+    assert jobs["mask"] == n_methods * 2 and jobs["apply"] == n_methods  # only the new sparsity, per layer
+
+
+def test_masks_are_byte_identical_when_recomputed(run):
+    target = f"{VARIANTS}/dense/moe_pruner/0.5/masks/layer_1.safetensors"
+    before = hashlib.sha256((run / target).read_bytes()).hexdigest()
+    smk(run, target, "--force")
+    assert hashlib.sha256((run / target).read_bytes()).hexdigest() == before
