@@ -60,14 +60,15 @@ def bench_calibration(model_dir, nsamples, seqlen, batch_size, repeats):
     print(f"  ratio              {t_calib / t_plain:8.2f} x   (target <= 1.3x)")
 
 
-def bench_sweep(model_dir, corpus_dir):
+def bench_sweep(model_dir, corpus_dir, gpus):
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base["model"] = {**base["model"], "name": "bench", "name_or_path": str(Path(model_dir).resolve())}
     base["report"]["update_readme"] = False
     base["artifacts"]["keep_pruned_checkpoints"] = False
     base["prune"]["propagation"] = ["dense"]
+    base["eval"]["max_windows"] = 64  # the sweep's saving is in calibration; keep evaluation short
     methods, sparsities = ["magnitude", "wanda", "moe_pruner"], [0.5, 0.6, 0.7]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "all", "-q"]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-q", "--resources", f"gpu={gpus}", "--cores", "all"]
 
     def run(params):
         d = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -96,10 +97,10 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--gpus", type=int, default=2, help="--resources gpu=N for the Snakemake runs (jobs run on CPU without CUDA)")
     a = ap.parse_args()
     if not Path(a.model, "config.json").exists():
         sys.exit(f"{a.model}: no checkpoint; run the pipeline first (dvc repro) or pass --model")
-    torch.set_num_threads(torch.get_num_threads())
     bench_calibration(a.model, a.nsamples, a.seqlen, a.batch_size, a.repeats)
     if not a.skip_sweep:
-        bench_sweep(a.model, a.corpus)
+        bench_sweep(a.model, a.corpus, a.gpus)

@@ -33,11 +33,16 @@ def random_windows(stream: torch.Tensor, n: int, seqlen: int, seed: int) -> torc
 
 
 def windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping fixed-length windows (the tail shorter than seqlen is dropped): (n, seqlen)."""
+    """Non-overlapping fixed-length windows (the tail shorter than seqlen is dropped): (n, seqlen).
+
+    With ``max_windows`` below the number of windows, that many are taken evenly spaced over the whole
+    stream (deterministic), so a capped evaluation still covers every part of the split.
+    """
     n = stream.numel() // seqlen
-    if max_windows:
-        n = min(n, max_windows)
-    return stream[: n * seqlen].reshape(n, seqlen)
+    all_windows = stream[: n * seqlen].reshape(n, seqlen)
+    if max_windows and max_windows < n:
+        return all_windows[torch.linspace(0, n - 1, max_windows).round().long()]
+    return all_windows
 
 
 def _hub_text(name: str, split: str) -> list[str]:

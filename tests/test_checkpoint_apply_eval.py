@@ -62,3 +62,13 @@ def test_unigram_perplexity_hand_example():
     windows = torch.tensor([[2, 0, 1]])  # predicted: 0, 1
     expected = math.exp(-(math.log(4 / 7) + math.log(2 / 7)) / 2)
     assert math.isclose(unigram_perplexity(train, windows, 3), expected, rel_tol=1e-9)
+
+
+def test_windows_are_non_overlapping_and_capped_evenly():
+    from pruning.data import windows
+
+    stream = torch.arange(103)
+    w = windows(stream, 10)
+    assert w.shape == (10, 10) and torch.equal(w.flatten(), torch.arange(100))
+    capped = windows(stream, 10, max_windows=4)
+    assert [int(r[0]) for r in capped] == [0, 30, 60, 90]  # spread over the split, not its prefix

@@ -30,17 +30,6 @@ rule calibrate:
         "../scripts/calibrate.py"
 
 
-def _previous_layer(wildcards):
-    i = int(wildcards.layer)
-    if i == 0:
-        return {"tokens": f"{CALIB}/tokens.safetensors"}
-    prev = VARIANT.format(**{**wildcards, "layer": i - 1})
-    return {
-        "hidden": f"{prev}/seqcalib/layer_{i - 1}.hidden.safetensors",
-        "mask": f"{prev}/masks/layer_{i - 1}.safetensors",
-    }
-
-
 rule calibrate_sequential:
     """Sequential propagation, one job per layer: layer i's statistics come from inputs that passed
     through the already-pruned layers < i. An interrupted run resumes at the first missing layer."""

@@ -46,7 +46,7 @@ LAYERS = list(range(NUM_LAYERS))
 METHODS = config["prune"]["methods"]
 SPARSITIES = [sparsity_token(s) for s in config["prune"]["sparsities"]]
 PROPAGATIONS = config["prune"]["propagation"]
-VARIANT = f"{ROOT}/{CID}" + "/{prop}/{method}/{sp}"  # one pruned variant
+VARIANT = f"{ROOT}/{CID}/{{prop}}/{{method}}/{{sp}}"  # one pruned variant
 
 
 wildcard_constraints:
@@ -81,3 +81,28 @@ def final_outputs():
 def pkg(*modules):
     """Library modules a rule's result depends on (Snakemake does not track imported code itself)."""
     return [str(Path(workflow.basedir) / "pruning" / f"{m}.py") for m in modules]
+
+
+# Input functions of the rules.
+
+
+def _previous_layer(wildcards):
+    i = int(wildcards.layer)
+    if i == 0:
+        return {"tokens": f"{CALIB}/tokens.safetensors"}
+    prev = VARIANT.format(**{**wildcards, "layer": i - 1})
+    return {
+        "hidden": f"{prev}/seqcalib/layer_{i - 1}.hidden.safetensors",
+        "mask": f"{prev}/masks/layer_{i - 1}.safetensors",
+    }
+
+
+def _stats(wildcards):
+    if wildcards.prop == "dense":
+        return f"{CALIB}/dense/layer_{wildcards.layer}.stats.safetensors"
+    variant = VARIANT.format(**wildcards)
+    return f"{variant}/seqcalib/layer_{wildcards.layer}.stats.safetensors"
+
+
+def _checkpoint(path):
+    return path if config["artifacts"]["keep_pruned_checkpoints"] else temp(path)

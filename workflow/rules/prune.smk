@@ -1,12 +1,6 @@
 # Per-layer masks and the assembled pruned checkpoint.
 
 
-def _stats(wildcards):
-    if wildcards.prop == "dense":
-        return f"{CALIB}/dense/layer_{wildcards.layer}.stats.safetensors"
-    return VARIANT.format(**wildcards) + f"/seqcalib/layer_{wildcards.layer}.stats.safetensors"
-
-
 rule mask:
     """One job per layer: score every expert matrix and choose its mask."""
     input:
@@ -26,10 +20,6 @@ rule mask:
         gpu=1,
     script:
         "../scripts/mask.py"
-
-
-def _checkpoint(path):
-    return path if config["artifacts"]["keep_pruned_checkpoints"] else temp(path)
 
 
 rule apply:
