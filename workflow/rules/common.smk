@@ -1,4 +1,5 @@
 # Parse-time helpers: params validation, path builders, the sweep. Pure Python, no rules.
+import os
 import sys
 from pathlib import Path
 
@@ -79,8 +80,10 @@ def final_outputs():
 
 
 def pkg(*modules):
-    """Library modules a rule's result depends on (Snakemake does not track imported code itself)."""
-    return [str(Path(workflow.basedir) / "pruning" / f"{m}.py") for m in modules]
+    """Library modules a rule's result depends on (Snakemake does not track imported code itself).
+
+    Relative to the working directory, so a clone or a moved checkout keeps its provenance."""
+    return [os.path.relpath(Path(workflow.basedir) / "pruning" / f"{m}.py") for m in modules]
 
 
 # Input functions of the rules.
