@@ -14,6 +14,17 @@ def apply_layer_masks(adapter, layer, masks: dict[str, torch.Tensor]) -> None:
         param.mul_(masks[name].to(param.device, param.dtype))
 
 
+@torch.no_grad()
+def set_layer_weights(adapter, layer, weights: dict[str, torch.Tensor]) -> None:
+    """Replace one layer's expert weights with updated ones (methods that change surviving weights)."""
+    experts = adapter.experts(layer)
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(experts, name)
+        if weights[name].shape != param.shape:
+            raise ValueError(f"weights {name} have shape {tuple(weights[name].shape)}, model has {tuple(param.shape)}")
+        param.copy_(weights[name].to(param.device, param.dtype))
+
+
 def _frac_zero(t: torch.Tensor) -> float:
     return (t == 0).sum().item() / t.numel()
 
@@ -42,8 +53,22 @@ def sparsity_report(adapter, model) -> dict:
     return {"expert_sparsity": zeros / total, "layers": layers, "non_expert_sparsity": other_zero}
 
 
-def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
-    """Every group of M consecutive input weights of every row has at least N zeros."""
+def nm_zero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Zeros in every group of M consecutive input weights of every row: (..., rows, cols // M)."""
     rows, cols = weight.shape[-2:]
-    groups = (weight.reshape(-1, rows, cols // m, m) == 0).sum(-1)
-    return bool((groups >= n).all())
+    return (weight.reshape(-1, rows, cols // m, m) == 0).sum(-1)
+
+
+def check_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> None:
+    """Exact N:M: the mask prunes exactly N of every M, every pruned weight is 0, and every group holds exactly
+    N zeros unless a kept weight is itself 0 (a dead input column zeroed by SparseGPT, or a zero in the base)."""
+    rows, cols = mask.shape[-2:]
+    pruned = (~mask).reshape(-1, rows, cols // m, m).sum(-1)
+    if not bool((pruned == n).all()):
+        raise AssertionError(f"mask does not prune exactly {n} of every {m}")
+    if bool((weight[~mask] != 0).any()):
+        raise AssertionError("a pruned weight is not zero")
+    zeros = nm_zero_counts(weight, m)
+    kept_zero = nm_zero_counts(torch.where(mask, weight, torch.ones_like(weight)), m)
+    if not bool((zeros == n + kept_zero).all()):
+        raise AssertionError(f"a group of {m} does not hold exactly {n} pruned zeros")

@@ -114,3 +114,13 @@ def read_expert_weights(model_dir, adapter, layer: int) -> tuple[torch.Tensor, t
     if all(k in wmap for k in keys["per_expert"]):
         return adapter.stack_per_expert(read_tensors(model_dir, keys["per_expert"]), layer)
     raise ModelPathError(f"{model_dir}: layer {layer} expert weights not found under known key layouts")
+
+
+def read_router_weight(model_dir, adapter, layer: int) -> torch.Tensor:
+    """One layer's router weight (E, H) read from the shards."""
+    model_dir = Path(model_dir)
+    wmap = _weight_map(model_dir)
+    for key in adapter.router_weight_keys(layer):
+        if key in wmap:
+            return read_tensors(model_dir, [key])[key]
+    raise ModelPathError(f"{model_dir}: layer {layer} router weight not found under known key layouts")

@@ -47,6 +47,12 @@ def check_semantics(config: dict) -> None:
             Pattern.parse(s)
         except ValueError as exc:
             raise ParamsError(f"prune.sparsities[{i}]: {exc}") from None
+    blocksize = config["prune"].get("sparsegpt", {}).get("blocksize", 128)
+    if any(m.startswith("sparsegpt") for m in config["prune"]["methods"]):
+        for i, s in enumerate(config["prune"]["sparsities"]):
+            p = Pattern.parse(s)
+            if p.is_nm and blocksize % p.m:
+                raise ParamsError(f"prune.sparsities[{i}]: M={p.m} must divide prune.sparsegpt.blocksize ({blocksize})")
     if config["model"]["name_or_path"] == "builtin":
         arch = config["tiny"]["arch"]
         if arch["top_k"] > arch["num_experts"]:

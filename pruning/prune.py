@@ -1,20 +1,45 @@
-"""Per-layer mask computation for the expert matrices of one MoE layer.
+"""Per-layer pruning of the expert matrices of one MoE layer.
 
-Experts that no calibration token reaches have all-zero activation statistics, so every
-activation-aware score would be 0 and the stable sort would prune the first columns of every row - an
-arbitrary mask. Fallback (documented, recorded in the mask metadata): such experts are pruned by
-weight magnitude at the same pattern.
+Two families of methods:
+  score methods      magnitude, wanda, moe_pruner: a mask from importance scores and calibration statistics;
+                     surviving weights are unchanged.
+  SparseGPT methods  OBS pruning with weight updates, one per Hessian token mode (see ``hessian``):
+                       sparsegpt                 routed tokens, unweighted (the papers' baseline)
+                       sparsegpt_all_tokens      every token through every expert (llm-compressor's default)
+                       sparsegpt_gate_weighted   routed tokens weighted by g^2: router-weighted SparseGPT
+                     gate_proj, up_proj and down_proj of every expert are pruned as separate matrices (as
+                     separate nn.Linear modules would be), from the same dense forward.
+
+Experts that no calibration token reaches have all-zero statistics and Hessians, so an activation-aware method
+would produce an arbitrary mask (every score 0) or, for SparseGPT, zero the whole expert. Fallback
+(documented, recorded in the mask metadata): such experts are pruned by weight magnitude at the same
+pattern, and their surviving weights are left unchanged.
 """
 from __future__ import annotations
 
 import torch
 
+from .hessian import Routing, expert_hessians
 from .masks import Pattern, select_mask
+from .scores import METHODS as SCORE_METHODS
 from .scores import score, stat_key
+from .sparsegpt import sparsegpt
+
+SPARSEGPT_METHODS = {
+    "sparsegpt": "routed",
+    "sparsegpt_all_tokens": "all_tokens",
+    "sparsegpt_gate_weighted": "gate_weighted",
+}
+METHODS = tuple(SCORE_METHODS) + tuple(SPARSEGPT_METHODS)
+
+
+def updates_weights(method: str) -> bool:
+    """True for methods whose surviving weights change (their jobs also write updated weights)."""
+    return method in SPARSEGPT_METHODS
 
 
 def layer_masks(method: str, pattern: Pattern, gate_up: torch.Tensor, down: torch.Tensor, stats: dict | None):
-    """gate_up (E, 2I, H), down (E, H, I) -> ({'gate_up_proj': mask, 'down_proj': mask}, info)."""
+    """Score methods. gate_up (E, 2I, H), down (E, H, I) -> ({'gate_up_proj': mask, 'down_proj': mask}, info)."""
     num_experts = gate_up.shape[0]
     masks = {"gate_up_proj": torch.ones_like(gate_up, dtype=torch.bool), "down_proj": torch.ones_like(down, dtype=torch.bool)}
     fallback = []
@@ -28,3 +53,42 @@ def layer_masks(method: str, pattern: Pattern, gate_up: torch.Tensor, down: torc
             s = score(m, weights[e], stats[sk][e] if sk else None)
             masks[key][e] = select_mask(s, pattern)
     return masks, {"fallback_experts": fallback, "fallback_method": "magnitude"}
+
+
+@torch.no_grad()
+def layer_sparsegpt(
+    method: str, pattern: Pattern, gate_up: torch.Tensor, down: torch.Tensor, inputs: torch.Tensor,
+    routing: Routing, act, blocksize: int = 128, percdamp: float = 0.01, dtype=torch.float32,
+):
+    """SparseGPT methods on one layer's experts from its cached MoE-block inputs (T, H).
+
+    Returns (masks, updated weights {'gate_up_proj', 'down_proj'} in the input dtype, info).
+    """
+    if method not in SPARSEGPT_METHODS:
+        raise ValueError(f"unknown SparseGPT method {method!r}; allowed: {', '.join(SPARSEGPT_METHODS)}")
+    mode = SPARSEGPT_METHODS[method]
+    num_experts, inter = gate_up.shape[0], down.shape[-1]
+    masks = {"gate_up_proj": torch.ones_like(gate_up, dtype=torch.bool), "down_proj": torch.ones_like(down, dtype=torch.bool)}
+    new = {"gate_up_proj": gate_up.clone(), "down_proj": down.clone()}
+    fallback, tokens, damp, dead, loss = [], [], 0.0, 0, 0.0
+    for e in range(num_experts):
+        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, gate_up[e], act, dtype=dtype)
+        tokens.append(n)
+        if n == 0:
+            fallback.append(e)
+            masks["gate_up_proj"][e] = select_mask(gate_up[e].abs(), pattern)
+            masks["down_proj"][e] = select_mask(down[e].abs(), pattern)
+            new["gate_up_proj"][e] *= masks["gate_up_proj"][e]
+            new["down_proj"][e] *= masks["down_proj"][e]
+            continue
+        parts = (("gate_up_proj", slice(0, inter), h_in), ("gate_up_proj", slice(inter, 2 * inter), h_in),
+                 ("down_proj", slice(None), h_mid))
+        for key, rows, hess in parts:
+            w, keep, info = sparsegpt(new[key][e][rows], hess, pattern, blocksize, percdamp, dtype)
+            new[key][e][rows], masks[key][e][rows] = w, keep
+            damp, dead, loss = max(damp, info["damp"]), dead + info["dead_columns"], loss + info["obs_loss"]
+    info = {
+        "fallback_experts": fallback, "fallback_method": "magnitude", "hessian": mode, "tokens_per_expert": tokens,
+        "max_damp": damp, "dead_columns": dead, "obs_loss": loss, "blocksize": blocksize, "percdamp": percdamp,
+    }
+    return masks, new, info

@@ -5,7 +5,10 @@ import json
 
 from .masks import Pattern
 
-LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "moe_pruner": "MoE-Pruner"}
+LABELS = {
+    "magnitude": "Magnitude", "wanda": "Wanda", "moe_pruner": "MoE-Pruner", "sparsegpt": "SparseGPT",
+    "sparsegpt_all_tokens": "SparseGPT (all tokens)", "sparsegpt_gate_weighted": "router-weighted SparseGPT",
+}
 
 
 def _sp_label(token: str) -> str:
@@ -53,6 +56,7 @@ def markdown(rows: list[dict], dense_ppl: float, header: str) -> str:
 
 
 def plot(rows: list[dict], dense_ppl: float, path) -> None:
+    """Perplexity vs sparsity, one panel per propagation mode and one line per method (N:M as crosses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,22 +64,29 @@ def plot(rows: list[dict], dense_ppl: float, path) -> None:
 
     from .atomic import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (prop, method) in dict.fromkeys((r["propagation"], r["method"]) for r in rows):
-        sub = sorted([r for r in rows if r["propagation"] == prop and r["method"] == method and r["label"].endswith("%")],
-                     key=lambda r: r["target_sparsity"])
-        nm = [r for r in rows if r["propagation"] == prop and r["method"] == method and not r["label"].endswith("%")]
-        line, = ax.plot([r["target_sparsity"] for r in sub], [r["token_ppl"] for r in sub], marker="o",
-                        label=f"{LABELS.get(method, method)} ({prop})")
-        for r in nm:
-            ax.scatter([r["target_sparsity"]], [r["token_ppl"]], marker="x", color=line.get_color())
-            ax.annotate(r["label"], (r["target_sparsity"], r["token_ppl"]), fontsize=7)
-    ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="dense")
-    ax.set_xlabel("expert-weight sparsity (x = N:M)")
-    ax.set_ylabel("token perplexity (log)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    props = list(dict.fromkeys(r["propagation"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(props), figsize=(5.5 * len(props), 4), sharey=True, squeeze=False)
+    for ax, prop in zip(axes[0], props):
+        for method in methods:
+            sub = [r for r in rows if r["propagation"] == prop and r["method"] == method]
+            un = sorted([r for r in sub if r["label"].endswith("%")], key=lambda r: r["target_sparsity"])
+            ax.plot([r["target_sparsity"] for r in un], [r["token_ppl"] for r in un], marker="o", color=colors[method],
+                    label=LABELS.get(method, method))
+            for r in sub:
+                if not r["label"].endswith("%"):
+                    ax.scatter([r["target_sparsity"]], [r["token_ppl"]], marker="x", color=colors[method])
+        for lab in dict.fromkeys(r["label"] for r in rows if r["propagation"] == prop and not r["label"].endswith("%")):
+            top = max(r["token_ppl"] for r in rows if r["propagation"] == prop and r["label"] == lab)
+            ax.annotate(lab, (0.5, top), textcoords="offset points", xytext=(4, 2), fontsize=7)
+        ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="dense")
+        ax.set_title(f"{prop} propagation", fontsize=9)
+        ax.set_xlabel("expert-weight sparsity (x = N:M)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("token perplexity (log)")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

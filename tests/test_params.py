@@ -50,12 +50,14 @@ def _unsupported_moe(tmp_path):
 
 
 CASES = {
-    "unknown method": (lambda t: _with("prune.methods", ["wanda", "sparsegptx"]), "prune.methods[1]", "allowed values: magnitude, wanda, moe_pruner"),
+    "unknown method": (lambda t: _with("prune.methods", ["wanda", "sparsegptx"]), "prune.methods[1]", "allowed values: magnitude, wanda, moe_pruner, sparsegpt, sparsegpt_all_tokens, sparsegpt_gate_weighted"),
     "sparsity above 1": (lambda t: _with("prune.sparsities", [1.5]), "prune.sparsities[0]", "(0, 1)"),
     "sparsity zero": (lambda t: _with("prune.sparsities", [0]), "prune.sparsities[0]", "(0, 1)"),
     "N >= M": (lambda t: _with("prune.sparsities", ["4:4"]), "prune.sparsities[0]", "0 < N < M"),
     "unknown propagation": (lambda t: _with("prune.propagation", ["lazy"]), "prune.propagation[0]", "dense, sequential"),
     "unknown key": (lambda t: _with("prune.sparsity", 0.5), "prune", "unknown key"),
+    "M does not divide the SparseGPT block": (lambda t: _with("prune.sparsities", ["3:5"]), "prune.sparsities[0]", "prune.sparsegpt.blocksize"),
+    "zero dampening": (lambda t: _with("prune.sparsegpt", {"blocksize": 16, "dampening": 0}), "prune.sparsegpt.dampening", "out of range"),
     "missing model path": (lambda t: _with("model.name_or_path", "./no/such/model"), "model.name_or_path", "not a directory"),
     "dense model": (lambda t: _with("model.name_or_path", _dense_model(t)), "model.name_or_path", "dense (non-MoE)"),
     "unsupported MoE": (lambda t: _with("model.name_or_path", _unsupported_moe(t)), "qwen2_moe", "supported MoE families: mixtral"),

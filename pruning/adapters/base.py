@@ -134,3 +134,13 @@ class MoEAdapter:
     def expert_weight_keys(self, layer: int) -> dict[str, list[str]]:
         """Checkpoint keys holding one layer's experts, for each on-disk layout."""
         raise NotImplementedError
+
+    def router_weight_keys(self, layer: int) -> list[str]:
+        """Candidate checkpoint keys of one layer's router weight (E, H), one per on-disk layout."""
+        raise NotImplementedError
+
+    def activation(self):
+        """The experts' gate activation (config.hidden_act)."""
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[self.config.hidden_act]

@@ -67,6 +67,9 @@ class MixtralAdapter(MoEAdapter):
         ]
         return {"fused": fused, "per_expert": per_expert}
 
+    def router_weight_keys(self, layer):
+        return [f"model.layers.{layer}.mlp.gate.weight", f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+
     def stack_per_expert(self, tensors: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Original Mixtral layout (per-expert w1/w3/w2) -> fused (gate_up (E,2I,H), down (E,H,I))."""
         p = f"model.layers.{layer}.block_sparse_moe.experts"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from pruning.prune import METHODS as ALL_METHODS, SCORE_METHODS, SPARSEGPT_METHODS, updates_weights
 from pruning.params import (
     ParamsError,
     calib_id,
@@ -47,12 +48,13 @@ LAYERS = list(range(NUM_LAYERS))
 METHODS = config["prune"]["methods"]
 SPARSITIES = [sparsity_token(s) for s in config["prune"]["sparsities"]]
 PROPAGATIONS = config["prune"]["propagation"]
+README_BLOCK = config["report"].get("readme_block", "results")
 VARIANT = f"{ROOT}/{CID}/{{prop}}/{{method}}/{{sp}}"  # one pruned variant
 
 
 wildcard_constraints:
     prop="dense|sequential",
-    method="|".join(["magnitude", "wanda", "moe_pruner"]),
+    method="|".join(ALL_METHODS),
     sp=r"0\.\d+|\d+of\d+",
     layer=r"\d+",
 
@@ -75,7 +77,7 @@ def final_outputs():
     if BUILTIN:
         out.append(f"{ROOT}/base_report.json")
     if config["report"]["update_readme"]:
-        out.append(f"{ROOT}/readme.stamp")
+        out.append(f"{ROOT}/readme.{README_BLOCK}.stamp")
     return out
 
 
@@ -94,10 +96,13 @@ def _previous_layer(wildcards):
     if i == 0:
         return {"tokens": f"{CALIB}/tokens.safetensors"}
     prev = VARIANT.format(**{**wildcards, "layer": i - 1})
-    return {
+    out = {
         "hidden": f"{prev}/seqcalib/layer_{i - 1}.hidden.safetensors",
         "mask": f"{prev}/masks/layer_{i - 1}.safetensors",
     }
+    if updates_weights(wildcards.method):
+        out["weights"] = f"{prev}/weights/layer_{i - 1}.safetensors"
+    return out
 
 
 def _stats(wildcards):
@@ -105,6 +110,23 @@ def _stats(wildcards):
         return f"{CALIB}/dense/layer_{wildcards.layer}.stats.safetensors"
     variant = VARIANT.format(**wildcards)
     return f"{variant}/seqcalib/layer_{wildcards.layer}.stats.safetensors"
+
+
+def _moe_inputs(wildcards):
+    """Cached MoE-block inputs of one layer (dense pass, or this variant's sequential chain)."""
+    if wildcards.prop == "dense":
+        return f"{CALIB}/dense/layer_{wildcards.layer}.inputs.safetensors"
+    variant = VARIANT.format(**wildcards)
+    return f"{variant}/seqcalib/layer_{wildcards.layer}.inputs.safetensors"
+
+
+def _layer_files(wildcards):
+    """Per-layer results ``apply`` assembles: masks, plus updated weights for SparseGPT methods."""
+    variant = VARIANT.format(**wildcards)
+    out = {"masks": [f"{variant}/masks/layer_{i}.safetensors" for i in LAYERS]}
+    if updates_weights(wildcards.method):
+        out["weights"] = [f"{variant}/weights/layer_{i}.safetensors" for i in LAYERS]
+    return out
 
 
 def _checkpoint(path):

@@ -72,14 +72,17 @@ rule report:
 
 
 rule readme:
-    """Splice metrics/results.md into README.md between the results markers."""
+    """Splice metrics/results.md into README.md between the block's markers; the plot goes to docs/."""
     input:
         table="metrics/results.md",
+        plot="metrics/ppl_vs_sparsity.png",
     output:
-        touch(f"{ROOT}/readme.stamp"),
+        stamp=touch(f"{ROOT}/readme.{README_BLOCK}.stamp"),
+        plot=f"docs/{README_BLOCK}.png",
     log:
         f"{LOGS}/readme.log",
     params:
         readme="README.md",
+        block=README_BLOCK,
     script:
         "../scripts/update_readme.py"

@@ -2,7 +2,7 @@
 
 
 rule mask:
-    """One job per layer: score every expert matrix and choose its mask."""
+    """Score methods, one job per layer: score every expert matrix and choose its mask."""
     input:
         stats=_stats,
         model=model_inputs(),
@@ -16,16 +16,43 @@ rule mask:
     params:
         model_dir=MODEL_DIR,
         model=config["model"],
+    wildcard_constraints:
+        method="|".join(SCORE_METHODS),
     resources:
         gpu=1,
     script:
         "../scripts/mask.py"
 
 
+rule mask_sparsegpt:
+    """SparseGPT methods, one job per layer: OBS masks and updated weights from the cached MoE-block inputs."""
+    input:
+        inputs=_moe_inputs,
+        model=model_inputs(),
+        code=pkg("prune", "sparsegpt", "hessian", "masks", "checkpoint", "adapters/base", "adapters/mixtral"),
+    output:
+        masks=f"{VARIANT}/masks/layer_{{layer}}.safetensors",
+        weights=f"{VARIANT}/weights/layer_{{layer}}.safetensors",
+    log:
+        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
+    benchmark:
+        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
+    params:
+        model_dir=MODEL_DIR,
+        model=config["model"],
+        sparsegpt=config["prune"]["sparsegpt"],
+    wildcard_constraints:
+        method="|".join(SPARSEGPT_METHODS),
+    resources:
+        gpu=1,
+    script:
+        "../scripts/mask_sparsegpt.py"
+
+
 rule apply:
     """Write the pruned model as a standard HF checkpoint plus the achieved sparsity."""
     input:
-        masks=expand(f"{VARIANT}/masks/layer_{{layer}}.safetensors", layer=LAYERS, allow_missing=True),
+        unpack(_layer_files),
         model=model_inputs(),
         code=pkg("apply", "masks", "checkpoint"),
     output:

@@ -4,7 +4,9 @@ import json
 from transformers import AutoTokenizer
 
 from pruning.adapters import get_adapter
-from pruning.apply import apply_layer_masks, check_nm, sparsity_report
+from safetensors.torch import load_file
+
+from pruning.apply import apply_layer_masks, check_nm, set_layer_weights, sparsity_report
 from pruning.atomic import atomic_dir, write_json
 from pruning.checkpoint import load_model
 from pruning.joblog import to_log, torch_dtype
@@ -17,20 +19,23 @@ pattern = parse_sparsity_token(w.sp)
 model = load_model(snakemake.params.model_dir, torch_dtype(m["dtype"]), "cpu", m["trust_remote_code"])
 adapter = get_adapter(model.config)
 mask_meta = {}
-for path in snakemake.input.masks:
+weight_files = snakemake.input.get("weights", [])  # SparseGPT methods: updated surviving weights
+for li, path in enumerate(snakemake.input.masks):
     masks, meta = load_masks(path)
-    layer = int(meta["layer"])
-    apply_layer_masks(adapter, adapter.decoder_layers(model)[layer], masks)
-    mask_meta[layer] = {"fallback_experts": json.loads(meta["fallback_experts"]), "stats_sha256": meta["stats_sha256"]}
+    layer = adapter.decoder_layers(model)[int(meta["layer"])]
+    if weight_files:
+        set_layer_weights(adapter, layer, load_file(weight_files[li]))
+    apply_layer_masks(adapter, layer, masks)
+    mask_meta[int(meta["layer"])] = {"fallback_experts": json.loads(meta["fallback_experts"]), "stats_sha256": meta["stats_sha256"]}
+    if pattern.is_nm:  # exactly N of every M pruned, and zero, in what is saved
+        ex = adapter.experts(layer)
+        check_nm(ex.gate_up_proj, masks["gate_up_proj"], pattern.n, pattern.m)
+        check_nm(ex.down_proj, masks["down_proj"], pattern.n, pattern.m)
 
 report = sparsity_report(adapter, model)
-if pattern.is_nm:
-    for i in adapter.moe_layer_indices():
-        ex = adapter.experts(adapter.decoder_layers(model)[i])
-        assert check_nm(ex.gate_up_proj, pattern.n, pattern.m) and check_nm(ex.down_proj, pattern.n, pattern.m), i
 report.update(
     method=w.method, pattern=str(pattern) if pattern.is_nm else "unstructured", target_sparsity=pattern.target,
-    propagation=w.prop, masks=mask_meta,
+    propagation=w.prop, masks=mask_meta, weights_updated=bool(weight_files),
 )
 with atomic_dir(snakemake.output.checkpoint) as d:
     model.save_pretrained(d)

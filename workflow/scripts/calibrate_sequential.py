@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from pruning.adapters import get_adapter
-from pruning.apply import apply_layer_masks
+from pruning.apply import apply_layer_masks, set_layer_weights
 from pruning.atomic import save_safetensors
 from pruning.calibrate import ResidentSource, calibrate_layer, run_layer
 from pruning.checkpoint import load_model
@@ -27,6 +27,8 @@ with claim_device(".gpu_pool") as device:
         prev = load_file(snakemake.input.hidden)["hidden_states"].to(device)
         masks, _ = load_masks(snakemake.input.mask)
         with source.layer(i - 1) as layer:
+            if "weights" in snakemake.input.keys():  # SparseGPT: the updated surviving weights
+                set_layer_weights(adapter, layer, load_file(snakemake.input.weights))
             apply_layer_masks(adapter, layer, masks)
             hidden = run_layer(layer, prev, source.context(prev.shape[1]), c["batch_size"])
     with source.layer(i) as layer:

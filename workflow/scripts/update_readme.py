@@ -1,18 +1,23 @@
-"""Replace the text between the results markers of README.md with metrics/results.md."""
+"""Replace the text between a block's markers in README.md with metrics/results.md and the plot."""
+import shutil
 from pathlib import Path
 
-from pruning.atomic import write_text
+from pruning.atomic import atomic_path, write_text
 from pruning.joblog import to_log
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 log = to_log(snakemake.log[0])
+block = snakemake.params.block
+BEGIN, END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+with atomic_path(snakemake.output.plot) as tmp:
+    shutil.copyfile(snakemake.input.plot, tmp)
 readme = Path(snakemake.params.readme)
 table = Path(snakemake.input.table).read_text().strip()
+body = f"{table}\n\n![token perplexity vs sparsity]({snakemake.output.plot})"
 text = readme.read_text() if readme.exists() else ""
 if BEGIN in text and END in text:
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    write_text(readme, f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    log.info("updated %s", readme)
+    write_text(readme, f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    log.info("updated block %r of %s", block, readme)
 else:
-    log.warning("%s has no results markers; left unchanged", readme)
+    log.warning("%s has no %s markers; left unchanged", readme, block)

@@ -1,0 +1,170 @@
+"""SparseGPT against an independent dense OBS computation, and per-expert Hessians against a per-token loop."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pruning.adapters import get_adapter
+from pruning.calibrate import calibrate_layer
+from pruning.hessian import HESSIAN_MODES, expert_hessians, route_all
+from pruning.masks import Pattern, select_mask
+from pruning.prune import layer_sparsegpt
+from pruning.scores import score
+from pruning.sparsegpt import sparsegpt
+
+
+def naive_obs(weight, hessian, pattern, blocksize, percdamp):
+    """Column-by-column OBS with an explicit inverse of the remaining columns' Hessian at every step.
+
+    No Cholesky factor and no lazy batching: every update reaches all later columns at once.
+    """
+    w, h = weight.double().clone(), hessian.double().clone()
+    rows, cols = w.shape
+    h = h + percdamp * torch.diag(h).mean() * torch.eye(cols, dtype=torch.float64)
+    inv_tail = lambda j: torch.linalg.inv(h[j:, j:])  # noqa: E731  inverse Hessian of columns j..cols-1
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        if not pattern.is_nm:
+            sal = torch.stack([w[:, j] ** 2 / inv_tail(j)[0, 0] for j in range(i1, i2)], dim=1)
+            k = int(pattern.sparsity * sal.numel())
+            flat = torch.zeros(sal.numel(), dtype=torch.bool)
+            flat[torch.sort(sal.flatten(), stable=True).indices[:k]] = True
+            pruned[:, i1:i2] = flat.reshape(sal.shape)
+        for j in range(i1, i2):
+            if pattern.is_nm and (j - i1) % pattern.m == 0:
+                group = range(j, j + pattern.m)
+                sal = torch.stack([w[:, c] ** 2 / inv_tail(c)[0, 0] for c in group], dim=1)
+                for r in range(rows):
+                    for c in torch.sort(sal[r], stable=True).indices[: pattern.n]:
+                        pruned[r, j + int(c)] = True
+            hinv = inv_tail(j)
+            q = torch.where(pruned[:, j], torch.zeros(rows, dtype=torch.float64), w[:, j])
+            delta = (w[:, j] - q) / hinv[0, 0]
+            w[:, j:] -= delta[:, None] * hinv[0][None, :]
+            w[:, j] = q
+    return w, ~pruned
+
+
+def _correlated_inputs(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    scale = torch.exp(torch.randn(d, generator=g))  # outlier-ish channels
+    return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "0.7", "2:4", "4:8"])
+def test_sparsegpt_equals_dense_obs(pattern):
+    pattern = Pattern.parse(pattern)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 48, generator=g)
+    x = _correlated_inputs(200, 48)
+    h = x.T @ x
+    new, keep, info = sparsegpt(w, h, pattern, blocksize=16, percdamp=0.01, dtype=torch.float64)
+    ref_w, ref_keep = naive_obs(w, h, pattern, blocksize=16, percdamp=0.01)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(new.double(), ref_w, rtol=1e-6, atol=1e-6)  # new is float32 again
+    assert (new[~keep] == 0).all() and info["dead_columns"] == 0
+    if pattern.is_nm:
+        pruned_per_group = (~keep).reshape(12, -1, pattern.m).sum(-1)
+        assert (pruned_per_group == pattern.n).all()
+    else:
+        for i1 in range(0, 48, 16):  # exact count per block (the comparison group)
+            assert int((~keep[:, i1 : i1 + 16]).sum()) == int(pattern.sparsity * 12 * 16)
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_sparsegpt_reconstructs_better_than_wanda(pattern):
+    pattern = Pattern.parse(pattern)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=g)
+    x = _correlated_inputs(1024, 128, seed=3)
+    new, keep, _ = sparsegpt(w, x.T @ x, pattern)
+    wanda = w * select_mask(score("wanda", w, (x**2).sum(0)), pattern)
+    err = lambda wh: torch.linalg.norm(x @ w.T - x @ wh.T).item()  # noqa: E731
+    assert (new == 0).sum() >= (~keep).sum() and (new[~keep] == 0).all()
+    assert (~keep).sum() == (wanda == 0).sum()  # same budget
+    assert err(new) < err(wanda)
+
+
+def test_dead_columns_and_dampening_retry(caplog):
+    w = torch.randn(4, 8)
+    h = torch.eye(8)
+    h[3, 3] = 0.0  # an input that never fires
+    new, keep, info = sparsegpt(w, h, Pattern.parse(0.5), blocksize=8)
+    assert info["dead_columns"] == 1 and (new[:, 3] == 0).all() and torch.isfinite(new).all()
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.5, 1.0]))
+    with caplog.at_level(logging.WARNING, logger="pruning.sparsegpt"):
+        _, _, info = sparsegpt(torch.randn(2, 4), indefinite, Pattern.parse(0.5), blocksize=4)
+    assert info["damp"] == pytest.approx(1.0)
+    assert sum("Cholesky failed" in r.message for r in caplog.records) == 2
+
+
+def _moe_inputs(model, adapter, layer_idx, tokens):
+    hidden = model.model.embed_tokens(tokens)
+    ctx = adapter.layer_context(model, tokens.shape[1], "cpu")
+    for i in range(layer_idx):
+        hidden = model.model.layers[i](hidden, **ctx)
+    _, inputs, _ = calibrate_layer(adapter, model.model.layers[layer_idx], hidden, ctx, batch_size=2)
+    return inputs
+
+
+def _naive_hessians(model, layer_idx, inputs, mode):
+    cfg = model.config
+    E, k, I, H = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size, cfg.hidden_size
+    mlp = model.model.layers[layer_idx].mlp
+    wr, gu = mlp.gate.weight.double(), mlp.experts.gate_up_proj.double()
+    h_in, h_mid = torch.zeros(E, H, H, dtype=torch.float64), torch.zeros(E, I, I, dtype=torch.float64)
+    for x in inputs.double():
+        p = torch.softmax(wr @ x, dim=0)
+        chosen = sorted(range(E), key=lambda e: -p[e].item())[:k]
+        for e in range(E):
+            if mode != "all_tokens" and e not in chosen:
+                continue
+            g = p[e] / sum(p[c] for c in chosen) if mode == "gate_weighted" else 1.0
+            h = F.silu(gu[e, :I] @ x) * (gu[e, I:] @ x)
+            h_in[e] += g**2 * torch.outer(x, x)
+            h_mid[e] += g**2 * torch.outer(h, h)
+    return h_in, h_mid
+
+
+@pytest.mark.parametrize("mode", HESSIAN_MODES)
+def test_expert_hessians_equal_per_token_loop(tiny_mixtral, mode):
+    model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
+    tokens = torch.randint(0, 64, (3, 16))
+    with torch.no_grad():
+        for layer_idx in (0, 1):
+            inputs = _moe_inputs(model, adapter, layer_idx, tokens)
+            mlp = model.model.layers[layer_idx].mlp
+            routing = route_all(lambda x: adapter.route(mlp.gate.weight, x), inputs, chunk=7)
+            ref_in, ref_mid = _naive_hessians(model, layer_idx, inputs, mode)
+            for e in range(adapter.num_experts):
+                h_in, h_mid, n = expert_hessians(
+                    mode, inputs, routing, e, mlp.experts.gate_up_proj[e], adapter.activation(), torch.float64, chunk=5
+                )
+                torch.testing.assert_close(h_in, ref_in[e], rtol=1e-5, atol=1e-6)  # g comes from the fp32 router
+                torch.testing.assert_close(h_mid, ref_mid[e], rtol=1e-5, atol=1e-6)  # g comes from the fp32 router
+                assert n == (inputs.shape[0] if mode == "all_tokens" else int((routing.index == e).sum()))
+
+
+def test_layer_sparsegpt_prunes_separate_matrices_and_falls_back(tiny_mixtral):
+    model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
+    mlp = model.model.layers[0].mlp
+    inputs = _moe_inputs(model, adapter, 0, torch.randint(0, 64, (2, 16)))
+    routing = route_all(lambda x: adapter.route(mlp.gate.weight, x), inputs)
+    routing.index[routing.index == 3] = 2  # expert 3 now receives no token
+    gu, dn = mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach()
+    pattern = Pattern.parse("2:4")
+    masks, new, info = layer_sparsegpt("sparsegpt_gate_weighted", pattern, gu, dn, inputs, routing, adapter.activation())
+    assert info["fallback_experts"] == [3] and info["tokens_per_expert"][3] == 0
+    assert torch.equal(masks["gate_up_proj"][3], select_mask(gu[3].abs(), pattern))
+    assert torch.equal(new["down_proj"][3], dn[3] * masks["down_proj"][3])
+    for key in ("gate_up_proj", "down_proj"):
+        assert (new[key][~masks[key]] == 0).all()
+        assert ((~masks[key]).reshape(-1, pattern.m).sum(-1) == pattern.n).all()
+    # gate and up are separate matrices: pruning the fused (2I, H) matrix would give another result
+    I = dn.shape[-1]
+    gate_only, keep, _ = sparsegpt(gu[0, :I], expert_hessians("gate_weighted", inputs, routing, 0, gu[0], adapter.activation())[0], pattern)
+    torch.testing.assert_close(new["gate_up_proj"][0, :I], gate_only)
+    assert not torch.equal(new["gate_up_proj"][0], gu[0])
