@@ -3,6 +3,11 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from pruning.params import yaml_without_base60
+
+yaml_without_base60()  # "2:4" written unquoted by `dvc exp run -S` stays an N:M pattern
+
+
 
 configfile: "params.yaml"
 

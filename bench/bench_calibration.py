@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,21 +20,11 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from timing import ROOT, timed  # also puts the repository on sys.path
 
-from pruning.adapters import get_adapter  # noqa: E402
-from pruning.calibrate import ResidentSource, stream  # noqa: E402
-from pruning.checkpoint import load_model  # noqa: E402
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from pruning.adapters import get_adapter
+from pruning.calibrate import ResidentSource, stream
+from pruning.checkpoint import load_model
 
 
 def bench_calibration(model_dir, nsamples, seqlen, batch_size, repeats):

@@ -11,32 +11,18 @@ the same calibration tokens.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from timing import timed  # also puts the repository on sys.path
 
-from pruning.adapters import get_adapter  # noqa: E402
-from pruning.calibrate import run_layer  # noqa: E402
-from pruning.checkpoint import load_model  # noqa: E402
-from pruning.hessian import route_all  # noqa: E402
-from pruning.masks import Pattern  # noqa: E402
-from pruning.prune import METHODS, layer_masks, layer_sparsegpt, updates_weights  # noqa: E402
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from pruning.adapters import get_adapter
+from pruning.calibrate import run_layer
+from pruning.checkpoint import load_model
+from pruning.hessian import route_all
+from pruning.masks import Pattern
+from pruning.prune import METHODS, layer_masks, layer_sparsegpt, updates_weights
 
 
 def main():

@@ -12,6 +12,27 @@ class ParamsError(ValueError):
     pass
 
 
+def yaml_without_base60() -> None:
+    """Make PyYAML read ``2:4`` as the string it is, not the YAML 1.1 base-60 integer 124.
+
+    ``dvc exp run -S 'prune.sparsities=[0.5,"2:4"]'`` rewrites params.yaml as YAML 1.2, where ``2:4`` needs no
+    quotes, but Snakemake reads config files with PyYAML (YAML 1.1). Called by the Snakefile before it loads
+    params.yaml; only the base-60 alternatives of the int and float resolvers are removed.
+    """
+    import re
+
+    base60 = re.compile(r"\s*\|\[-\+\]\?\[[0-9-]+\]\[0-9_\]\*\(\?::\[0-5\]\?\[0-9\]\)\+(\\\.\[0-9_\]\*)?")
+    for cls in (yaml.resolver.BaseResolver, yaml.resolver.Resolver, yaml.SafeLoader, yaml.FullLoader, yaml.Loader):
+        table = cls.__dict__.get("yaml_implicit_resolvers")
+        if not table:
+            continue
+        for first, resolvers in table.items():
+            table[first] = [
+                (tag, re.compile(base60.sub("", rx.pattern), rx.flags) if tag.endswith((":int", ":float")) else rx)
+                for tag, rx in resolvers
+            ]
+
+
 def _path(err) -> str:
     parts = []
     for p in err.absolute_path:

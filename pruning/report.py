@@ -22,35 +22,65 @@ def metric_key(token: str) -> str:
     return token if p.is_nm else f"sp{p.sparsity * 100:g}".replace(".", "_")
 
 
-def rows(variants: list[dict], ppl_files: list[str], sparsity_files: list[str]) -> list[dict]:
+def rows(variants: list[dict], ppl_files: list[str], sparsity_files: list[str], error_files=None) -> list[dict]:
     out = []
-    for v, pf, sf in zip(variants, ppl_files, sparsity_files):
+    for i, (v, pf, sf) in enumerate(zip(variants, ppl_files, sparsity_files)):
         ppl, sp = json.load(open(pf)), json.load(open(sf))
         out.append({
             "propagation": v["prop"], "method": v["method"], "sparsity": v["sp"], "label": _sp_label(v["sp"]),
             "target_sparsity": sp["target_sparsity"], "expert_sparsity": sp["expert_sparsity"], "token_ppl": ppl["token_ppl"],
+            "block_error": json.load(open(error_files[i]))["mean"] if error_files else None,
         })
     return out
 
 
-def markdown(rows: list[dict], dense_ppl: float, header: str) -> str:
-    """One table per propagation mode: methods as rows, sparsities as columns, token perplexity cells."""
+def _table(sub: list[dict], key: str, fmt: str, suffix: str = "") -> list[str]:
+    """Methods as rows, sparsities as columns; the best (lowest) cell of each column in bold."""
+    cols = list(dict.fromkeys(r["sparsity"] for r in sub))
+    labels = {r["sparsity"]: r["label"] for r in sub}
+    best = {c: min(r[key] for r in sub if r["sparsity"] == c) for c in cols}
+    lines = ["| method | " + " | ".join(labels[c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for method in dict.fromkeys(r["method"] for r in sub):
+        cells = {r["sparsity"]: r for r in sub if r["method"] == method}
+        cell = lambda r: (f"**{r[key]:{fmt}}{suffix}**" if r[key] == best[r["sparsity"]] else f"{r[key]:{fmt}}{suffix}")  # noqa: E731
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cell(cells[c]) if c in cells else "" for c in cols) + " |")
+    return lines
+
+
+def _achieved(sub: list[dict]) -> str:
+    """'50% → 0.5000, 60% → 0.5951 (Magnitude, Wanda), 0.6000 (SparseGPT)': the methods named where they differ."""
+    parts = []
+    for label in dict.fromkeys(r["label"] for r in sub):
+        by_value: dict[str, list[str]] = {}
+        for r in sub:
+            if r["label"] == label:
+                by_value.setdefault(f"{r['expert_sparsity']:.4f}", []).append(LABELS.get(r["method"], r["method"]))
+        if len(by_value) == 1:
+            parts.append(f"{label} → {next(iter(by_value))}")
+        else:
+            parts.append(f"{label} → " + ", ".join(f"{v} ({', '.join(ms)})" for v, ms in by_value.items()))
+    return ", ".join(parts)
+
+
+def markdown(rows: list[dict], dense_ppl: float, header: str, outlier_ratios: list[float] | None = None) -> str:
+    """Per propagation mode: token perplexity, then the MoE-block output error, methods x sparsities."""
     lines = [header, ""]
     for prop in dict.fromkeys(r["propagation"] for r in rows):
         sub = [r for r in rows if r["propagation"] == prop]
-        cols = list(dict.fromkeys(r["sparsity"] for r in sub))
-        labels = {r["sparsity"]: r["label"] for r in sub}
         lines += [f"Token perplexity (lower is better), `{prop}` propagation. Dense model: **{dense_ppl:.2f}**.", ""]
-        lines.append("| method | " + " | ".join(labels[c] for c in cols) + " |")
-        lines.append("|---|" + "---:|" * len(cols))
-        for method in dict.fromkeys(r["method"] for r in sub):
-            cells = {r["sparsity"]: r for r in sub if r["method"] == method}
-            best = {c: min(r["token_ppl"] for r in sub if r["sparsity"] == c) for c in cols}
-            fmt = lambda r: (f"**{r['token_ppl']:.2f}**" if r["token_ppl"] == best[r["sparsity"]] else f"{r['token_ppl']:.2f}")  # noqa: E731
-            lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(fmt(cells[c]) if c in cells else "" for c in cols) + " |")
+        lines += _table(sub, "token_ppl", ".2f")
         lines.append("")
-        lines.append("Achieved expert sparsity: " + ", ".join(
-            sorted({f"{r['label']} → {r['expert_sparsity']:.4f}" for r in sub})) + ".")
+        if all(r["block_error"] is not None for r in sub):
+            lines += [f"Relative MoE-block output error on the calibration tokens, mean over layers (lower is better; "
+                      f"the layer-wise objective), `{prop}` propagation:", ""]
+            sub = [{**r, "block_error_pct": 100 * r["block_error"]} for r in sub]
+            lines += _table(sub, "block_error_pct", ".2f", "%")
+            lines.append("")
+        lines.append("Achieved expert sparsity: " + _achieved(sub) + ".")
+        lines.append("")
+    if outlier_ratios:
+        lines.append("Input-channel norms of the MoE blocks (largest / median, per layer, dense calibration pass): "
+                     + ", ".join(f"{x:.1f}" for x in outlier_ratios) + ".")
         lines.append("")
     return "\n".join(lines)
 
@@ -61,6 +91,7 @@ def plot(rows: list[dict], dense_ppl: float, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from .atomic import atomic_path
 
@@ -84,6 +115,8 @@ def plot(rows: list[dict], dense_ppl: float, path) -> None:
         ax.set_title(f"{prop} propagation", fontsize=9)
         ax.set_xlabel("expert-weight sparsity (x = N:M)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("token perplexity (log)")
     axes[0][-1].legend(fontsize=7)

@@ -78,3 +78,13 @@ def test_bad_params_fail_early_with_one_line(tmp_path, case):
 def test_valid_micro_params_dry_run(tmp_path):
     r = _dry_run(tmp_path, MICRO)
     assert r.returncode == 0, r.stderr
+
+
+def test_unquoted_nm_pattern_as_dvc_writes_it(tmp_path):
+    """`dvc exp run -S` writes YAML 1.2, where 2:4 needs no quotes; YAML 1.1 would read it as 124."""
+    text = yaml.safe_dump(_with("prune.sparsities", ["2:4"])).replace("'2:4'", "2:4")
+    assert "- 2:4" in text
+    (tmp_path / "params.yaml").write_text(text)
+    r = subprocess.run(SNAKEMAKE + ["-n"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "/2of4/" in r.stdout

@@ -51,6 +51,8 @@ def test_outputs_and_metrics(run):
             for sp in ("0.5", "2of4"):
                 v = run / VARIANTS / prop / method / sp
                 assert metrics[prop][method][{"0.5": "sp50"}.get(sp, sp)]["token_ppl"] > 1
+                err = json.loads((v / "eval/block_error.json").read_text())
+                assert 0 < err["mean"] < 1 and set(err["relative_block_error"]) == {"0", "1"}
                 rep = json.loads((v / "sparsity.json").read_text())
                 assert rep["expert_sparsity"] == 0.5 and rep["non_expert_sparsity"] == 0.0
                 for layer in (0, 1):
@@ -60,6 +62,7 @@ def test_outputs_and_metrics(run):
                         assert (~m).sum().item() == m.numel() // 2
     table = (run / "metrics/results.md").read_text()
     assert "MoE-Pruner" in table and "router-weighted SparseGPT" in table and "2:4" in table
+    assert "MoE-block output error" in table and "Input-channel norms" in table
     assert (run / "metrics/ppl_vs_sparsity.png").stat().st_size > 1000
     base = json.loads((run / "results/micro/base_report.json").read_text())
     assert base["validation_ppl"] > 1 and base["unigram_ppl"] > 1

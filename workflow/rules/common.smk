@@ -114,10 +114,18 @@ def _stats(wildcards):
 
 def _moe_inputs(wildcards):
     """Cached MoE-block inputs of one layer (dense pass, or this variant's sequential chain)."""
-    if wildcards.prop == "dense":
-        return f"{CALIB}/dense/layer_{wildcards.layer}.inputs.safetensors"
-    variant = VARIANT.format(**wildcards)
-    return f"{variant}/seqcalib/layer_{wildcards.layer}.inputs.safetensors"
+    return _moe_inputs_of(wildcards.prop, wildcards.method, wildcards.sp, wildcards.layer)
+
+
+def _moe_inputs_of(prop, method, sp, layer):
+    if prop == "dense":
+        return f"{CALIB}/dense/layer_{layer}.inputs.safetensors"
+    variant = VARIANT.format(prop=prop, method=method, sp=sp)
+    return f"{variant}/seqcalib/layer_{layer}.inputs.safetensors"
+
+
+def _all_moe_inputs(wildcards):
+    return [_moe_inputs_of(wildcards.prop, wildcards.method, wildcards.sp, i) for i in LAYERS]
 
 
 def _layer_files(wildcards):

@@ -47,14 +47,35 @@ rule evaluate_ppl:
         "../scripts/evaluate_ppl.py"
 
 
+rule block_error:
+    """Relative MoE-block output error per layer on the calibration tokens: what the layer-wise methods minimise."""
+    input:
+        unpack(_layer_files),
+        inputs=_all_moe_inputs,
+        model=model_inputs(),
+        code=pkg("diagnose", "hessian", "checkpoint", "masks"),
+    output:
+        f"{VARIANT}/eval/block_error.json",
+    log:
+        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/block_error.log",
+    benchmark:
+        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/block_error.tsv"
+    params:
+        model_dir=MODEL_DIR,
+    script:
+        "../scripts/block_error.py"
+
+
 rule report:
     """metrics/ppl.json (DVC metrics), metrics/ppl.csv + PNG (DVC plots), metrics/results.md (table)."""
     input:
         dense=f"{ROOT}/eval/dense/ppl.json",
         variants=[f"{VARIANT}/eval/ppl.json".format(**v) for v in variants()],
         sparsity=[f"{VARIANT}/sparsity.json".format(**v) for v in variants()],
+        block_error=[f"{VARIANT}/eval/block_error.json".format(**v) for v in variants()],
+        calib_stats=expand(f"{CALIB}/dense/layer_{{layer}}.stats.safetensors", layer=LAYERS),
         base_report=[f"{ROOT}/base_report.json"] if BUILTIN else [],
-        code=pkg("report"),
+        code=pkg("report", "diagnose"),
     output:
         json="metrics/ppl.json",
         csv="metrics/ppl.csv",

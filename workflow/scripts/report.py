@@ -9,7 +9,12 @@ from pruning.joblog import to_log
 log = to_log(snakemake.log[0])
 inp, out, p = snakemake.input, snakemake.output, snakemake.params
 dense = json.load(open(inp.dense))
-rows = report.rows(p.variants, inp.variants, inp.sparsity)
+from safetensors.torch import load_file
+
+from pruning.diagnose import channel_outlier_ratio
+
+rows = report.rows(p.variants, inp.variants, inp.sparsity, inp.block_error)
+outliers = [channel_outlier_ratio(load_file(f)["gate_up.sum_x2"]) for f in inp.calib_stats]
 
 header = (
     f"Model `{p.model}`, calibration `{p.calib_id}`, evaluation: token perplexity on the `{p.eval['dataset']}` "
@@ -22,18 +27,18 @@ if inp.base_report:
         f"{b['train_seconds'] / 60:.1f} min): validation token perplexity **{b['validation_ppl']:.2f}** vs "
         f"**{b['unigram_ppl']:.2f}** for a unigram model of the training split."
     )
-write_text(out.table, report.markdown(rows, dense["token_ppl"], header))
+write_text(out.table, report.markdown(rows, dense["token_ppl"], header, outliers))
 report.plot(rows, dense["token_ppl"], out.plot)
 
 # DVC flattens nested keys with '.', so keys carry no dots: unpruned.token_ppl, dense.wanda.sp50.token_ppl
 metrics = {"unpruned": {"token_ppl": dense["token_ppl"]}}
 for r in rows:
     metrics.setdefault(r["propagation"], {}).setdefault(r["method"], {})[report.metric_key(r["sparsity"])] = {
-        "token_ppl": r["token_ppl"], "expert_sparsity": r["expert_sparsity"]}
+        "token_ppl": r["token_ppl"], "expert_sparsity": r["expert_sparsity"], "block_error": r["block_error"]}
 write_json(out.json, metrics)
 
 buf = io.StringIO()
-fields = ["propagation", "method", "sparsity", "target_sparsity", "expert_sparsity", "token_ppl"]
+fields = ["propagation", "method", "sparsity", "target_sparsity", "expert_sparsity", "token_ppl", "block_error"]
 w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
 w.writeheader()
 w.writerow({"propagation": "none", "method": "dense", "sparsity": "0", "target_sparsity": 0.0, "expert_sparsity": 0.0,
