@@ -4,25 +4,27 @@ from __future__ import annotations
 import torch
 
 
-@torch.no_grad()
-def apply_layer_masks(adapter, layer, masks: dict[str, torch.Tensor]) -> None:
+def _expert_params(adapter, layer, tensors: dict[str, torch.Tensor], what: str):
+    """(parameter, tensor on its device and dtype) for the layer's fused expert weights, shapes checked."""
     experts = adapter.experts(layer)
     for name in ("gate_up_proj", "down_proj"):
         param = getattr(experts, name)
-        if masks[name].shape != param.shape:
-            raise ValueError(f"mask {name} has shape {tuple(masks[name].shape)}, weight has {tuple(param.shape)}")
-        param.mul_(masks[name].to(param.device, param.dtype))
+        if tensors[name].shape != param.shape:
+            raise ValueError(f"{what} {name} has shape {tuple(tensors[name].shape)}, the model has {tuple(param.shape)}")
+        yield param, tensors[name].to(param.device, param.dtype)
+
+
+@torch.no_grad()
+def apply_layer_masks(adapter, layer, masks: dict[str, torch.Tensor]) -> None:
+    for param, mask in _expert_params(adapter, layer, masks, "mask"):
+        param.mul_(mask)
 
 
 @torch.no_grad()
 def set_layer_weights(adapter, layer, weights: dict[str, torch.Tensor]) -> None:
     """Replace one layer's expert weights with updated ones (methods that change surviving weights)."""
-    experts = adapter.experts(layer)
-    for name in ("gate_up_proj", "down_proj"):
-        param = getattr(experts, name)
-        if weights[name].shape != param.shape:
-            raise ValueError(f"weights {name} have shape {tuple(weights[name].shape)}, model has {tuple(param.shape)}")
-        param.copy_(weights[name].to(param.device, param.dtype))
+    for param, new in _expert_params(adapter, layer, weights, "weights"):
+        param.copy_(new)
 
 
 def _frac_zero(t: torch.Tensor) -> float:

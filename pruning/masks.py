@@ -90,6 +90,26 @@ def unpack(packed: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
 
 
+def mask_metadata(method: str, pattern: Pattern, propagation: str, layer: int, source, info: dict) -> dict:
+    """What a mask file records: method, pattern, propagation, layer, the sha256 of the calibration file it
+    was computed from (``source``), and the method's own ``info`` (fallback experts, ...)."""
+    from .atomic import sha256_file
+
+    return {
+        "method": method,
+        "sparsity": pattern.target,
+        "pattern": str(pattern) if pattern.is_nm else "unstructured",
+        "propagation": propagation,
+        "layer": layer,
+        "stats_sha256": sha256_file(source),
+        **info,
+    }
+
+
+def kept_fraction(masks: dict[str, torch.Tensor]) -> float:
+    return sum(int(v.sum()) for v in masks.values()) / sum(v.numel() for v in masks.values())
+
+
 def save_masks(path, masks: dict[str, torch.Tensor], metadata: dict) -> None:
     """One safetensors file of packed masks; ``shapes`` and the caller's metadata go in the header."""
     from .atomic import save_safetensors

@@ -2,12 +2,11 @@
 from safetensors.torch import load_file
 
 from pruning.adapters import get_adapter
-from pruning.atomic import sha256_file
 from pruning.checkpoint import load_config, read_expert_weights
 from pruning.env import seed_everything
 from pruning.gpu_pool import claim_device
 from pruning.joblog import to_log
-from pruning.masks import save_masks
+from pruning.masks import kept_fraction, mask_metadata, save_masks
 from pruning.params import parse_sparsity_token
 from pruning.prune import layer_masks
 
@@ -22,15 +21,6 @@ with claim_device(".gpu_pool") as device:
     masks, info = layer_masks(w.method, pattern, gate_up.to(device), down.to(device), stats)
     if info["fallback_experts"]:
         log.warning("layer %d: experts %s got no calibration tokens; pruned by magnitude", layer, info["fallback_experts"])
-    meta = {
-        "method": w.method,
-        "sparsity": pattern.target,
-        "pattern": str(pattern) if pattern.is_nm else "unstructured",
-        "propagation": w.prop,
-        "layer": layer,
-        "stats_sha256": sha256_file(snakemake.input.stats),
-        **info,
-    }
+    meta = mask_metadata(w.method, pattern, w.prop, layer, snakemake.input.stats, info)
     save_masks(snakemake.output[0], {k: v.cpu() for k, v in masks.items()}, meta)
-    kept = sum(int(v.sum()) for v in masks.values()) / sum(v.numel() for v in masks.values())
-    log.info("layer %d: %s %s, kept %.4f", layer, w.method, pattern, kept)
+    log.info("layer %d: %s %s, kept %.4f", layer, w.method, pattern, kept_fraction(masks))

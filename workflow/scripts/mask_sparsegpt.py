@@ -6,13 +6,13 @@ import json
 from safetensors.torch import load_file
 
 from pruning.adapters import get_adapter
-from pruning.atomic import save_safetensors, sha256_file
+from pruning.atomic import save_safetensors
 from pruning.checkpoint import load_config, read_expert_weights, read_router_weight
 from pruning.env import seed_everything
 from pruning.gpu_pool import claim_device
 from pruning.hessian import route_all
 from pruning.joblog import to_log
-from pruning.masks import save_masks
+from pruning.masks import kept_fraction, mask_metadata, save_masks
 from pruning.params import parse_sparsity_token
 from pruning.prune import layer_sparsegpt
 
@@ -34,18 +34,9 @@ with claim_device(".gpu_pool") as device:
         log.warning("layer %d: experts %s got no calibration tokens; pruned by magnitude", layer, info["fallback_experts"])
     if info["max_damp"] > percdamp:
         log.warning("layer %d: dampening raised to %.3g of the mean diagonal", layer, info["max_damp"])
-    meta = {
-        "method": w.method,
-        "sparsity": pattern.target,
-        "pattern": str(pattern) if pattern.is_nm else "unstructured",
-        "propagation": w.prop,
-        "layer": layer,
-        "stats_sha256": sha256_file(snakemake.input.inputs),
-        **info,
-    }
+    meta = mask_metadata(w.method, pattern, w.prop, layer, snakemake.input.inputs, info)
     save_masks(snakemake.output.masks, {k: v.cpu() for k, v in masks.items()}, meta)
     save_safetensors(snakemake.output.weights, {k: v.cpu().contiguous() for k, v in new.items()},
                      {"layer": layer, "method": w.method, "pattern": meta["pattern"]})
-    kept = sum(int(v.sum()) for v in masks.values()) / sum(v.numel() for v in masks.values())
     log.info("layer %d: %s %s, kept %.4f, tokens per expert %s, OBS loss %.4g, dead columns %d",
-             layer, w.method, pattern, kept, json.dumps(info["tokens_per_expert"]), info["obs_loss"], info["dead_columns"])
+             layer, w.method, pattern, kept_fraction(masks), json.dumps(info["tokens_per_expert"]), info["obs_loss"], info["dead_columns"])
