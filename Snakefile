@@ -16,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/prune.smk"
+include: "workflow/rules/experts.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -59,7 +59,9 @@ def load_config(model_dir):
 
 
 def load_model(model_dir, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
-    """Whole model, safetensors only, eager attention and the eager experts loop (hooks see real calls)."""
+    """Whole model, safetensors only, eager attention and the eager experts loop (hooks see real calls).
+
+    A checkpoint whose config holds dynamic-skipping ``betas`` is loaded as the skipping model it describes."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -70,6 +72,10 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", trust_remote_code: 
         attn_implementation="sdpa",
         experts_implementation="eager",
     )
+    if getattr(model.config, "betas", None):
+        from .skipping import enable_dynamic_skipping
+
+        enable_dynamic_skipping(model)
     return model.to(device).eval()
 
 

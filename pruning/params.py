@@ -101,6 +101,69 @@ def check_model(config: dict) -> dict:
     return cfg
 
 
+def base_token(method: str, keep: int, task: bool = False) -> str:
+    """Name of an expert-pruned model: 'naee-k6', 'reap-k4', 'naee-k4-task' (task-specific calibration)."""
+    return f"{method}-k{keep}" + ("-task" if task else "")
+
+
+def parse_base(token: str) -> tuple[str, int, bool] | None:
+    """'naee-k6' -> ('naee', 6, False); 'full' -> None."""
+    if token == "full":
+        return None
+    import re
+
+    m = re.fullmatch(r"([a-z_]+)-k(\d+)(-task)?", token)
+    if not m:
+        raise ValueError(f"{token!r} is not 'full' nor '<expert method>-k<keep>'")
+    return m.group(1), int(m.group(2)), bool(m.group(3))
+
+
+def check_experts(config: dict, model_config: dict | None) -> None:
+    """Expert counts against the model: top_k <= keep < E, skipping needs top-2, bases name real variants."""
+    from .experts import EXPERT_METHODS
+
+    if model_config is None:
+        arch = config["tiny"]["arch"]
+        num_experts, top_k = arch["num_experts"], arch["top_k"]
+    else:
+        from .adapters import get_adapter
+
+        a = get_adapter(model_config)
+        num_experts, top_k = a.num_experts, a.top_k
+    ex = config.get("experts", {})
+    task = ex.get("task") or {}
+    keeps = [("experts.keep", i, k) for i, k in enumerate(ex.get("keep", []))]
+    keeps += [("experts.task.keep", i, k) for i, k in enumerate(task.get("keep", []))] if task.get("source") else []
+
+    def check_keep(key, keep):
+        if not top_k <= keep < num_experts:
+            raise ParamsError(f"{key}: keep={keep} is not allowed; experts kept per layer must be in "
+                              f"[top_k, num_experts) = [{top_k}, {num_experts})")
+
+    for key, i, k in keeps:
+        check_keep(f"{key}[{i}]", k)
+    if task.get("source") and not task["source"].startswith("builtin:") and not task.get("eval"):
+        raise ParamsError("experts.task.eval: required when experts.task.source is not builtin:<package> "
+                          "(the domain perplexity must not be measured on the calibration text)")
+    for key in ("prune.bases", "skipping.bases"):
+        section, name = key.split(".")
+        for i, b in enumerate(config.get(section, {}).get(name, [])):
+            try:
+                parsed = parse_base(b)
+            except ValueError as exc:
+                raise ParamsError(f"{key}[{i}]: {exc}") from None
+            if parsed is None:
+                continue
+            method, keep, is_task = parsed
+            if method not in EXPERT_METHODS:
+                raise ParamsError(f"{key}[{i}]: unknown expert method {method!r}; allowed: {', '.join(EXPERT_METHODS)}")
+            if is_task and not task.get("source"):
+                raise ParamsError(f"{key}[{i}]: {b!r} needs experts.task.source")
+            check_keep(f"{key}[{i}]", keep)
+    if config.get("skipping", {}).get("bases") and top_k != 2:
+        raise ParamsError(f"skipping.bases: dynamic skipping needs a top-2 router; this model has top_k={top_k}")
+
+
 def sparsity_token(value) -> str:
     """Path-safe wildcard value: 0.5 -> '0.5', '2:4' -> '2of4'."""
     p = Pattern.parse(value)
@@ -116,6 +179,8 @@ def calib_id(calib: dict, seed: int) -> str:
     import hashlib
 
     src = calib["source"]
-    if src not in ("builtin", "c4", "wikitext2"):
+    if src.startswith("builtin:"):
+        src = "builtin." + src.split(":", 1)[1]
+    elif src not in ("builtin", "c4", "wikitext2"):
         src = Path(src).stem + "-" + hashlib.sha256(src.encode()).hexdigest()[:8]
     return f"{src}-n{calib['nsamples']}-l{calib['seqlen']}-s{seed}"

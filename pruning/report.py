@@ -124,3 +124,143 @@ def plot(rows: list[dict], dense_ppl: float, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+# -- expert pruning and dynamic skipping ---------------------------------------------------------------
+
+EXPERT_LABELS = {"naee": "NAEE (layerwise)", "naee_progressive": "NAEE (progressive)", "frequency": "frequency",
+                 "reap": "REAP", "ean": "EAN", "random": "random"}
+
+
+def model_label(mdl: str) -> str:
+    """'full' -> 'dense', 'naee-k4' -> 'NAEE (layerwise), keep 4', 'naee-k4/skip' -> '... + skipping'."""
+    skip = mdl.endswith("/skip")
+    base = mdl[: -len("/skip")] if skip else mdl
+    if base == "full":
+        label = "dense"
+    else:
+        method, rest = base.rsplit("-k", 1)
+        keep, _, task = rest.partition("-")
+        label = f"{EXPERT_LABELS.get(method, method)}, keep {keep}" + (" (task calibration)" if task else "")
+    return label + (" + skipping" if skip else "")
+
+
+def expert_rows(models: list[tuple[str, str]], eval_files: list[str], reductions: dict, searches: dict) -> list[dict]:
+    """One row per evaluated whole model on the general split, measured figures only."""
+    evals = {(m, ds): json.load(open(f)) for (m, ds), f in zip(models, eval_files)}
+    dense = evals[("full", "ppl")]
+    dense_calls = dense["expert_usage"]["calls_per_token"]
+    out = []
+    for (mdl, ds), ev in evals.items():
+        if ds != "ppl":
+            continue
+        base = mdl[: -len("/skip")] if mdl.endswith("/skip") else mdl
+        skip = ev.get("skipping") or {}
+        red, srch = reductions.get(base), searches.get(base)
+        out.append({
+            "model": mdl, "label": model_label(mdl), "experts": ev["num_experts"], "skipping": bool(skip),
+            "token_ppl": ev["token_ppl"], "ppl_rel": ev["token_ppl"] / dense["token_ppl"],
+            "parameters": ev["parameters"], "params_rel": ev["parameters"] / dense["parameters"],
+            "bytes": ev["checkpoint_bytes"],
+            "calls_per_token": ev["expert_usage"]["calls_per_token"],
+            "calls_rel": ev["expert_usage"]["calls_per_token"] / dense_calls,
+            "skip_rate": sum(v["rate"] for v in skip.values()) / len(skip) if skip else 0.0,
+            "skip_rates": [skip[k]["rate"] for k in sorted(skip, key=int)] if skip else [],
+            "block_loss": srch["mean_relative_loss"] if srch else None,
+            "parameters_saved_expected": red["parameters_saved_expected"] if red else 0,
+        })
+    return out
+
+
+def task_rows(models, eval_files) -> list[dict]:
+    evals = {(m, ds): json.load(open(f)) for (m, ds), f in zip(models, eval_files)}
+    out = []
+    for (mdl, ds), ev in evals.items():
+        if ds == "task_ppl":
+            general = evals.get((mdl, "ppl"))
+            out.append({"model": mdl, "label": model_label(mdl), "task_ppl": ev["token_ppl"], "dataset": ev["dataset"],
+                        "windows": ev["windows"], "token_ppl": general["token_ppl"] if general else None})
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def experts_markdown(rows: list[dict], task: list[dict], eval_cfg: dict) -> str:
+    if len(rows) <= 1 and not task:
+        return ""
+    lines = [
+        f"Expert pruning and dynamic skipping: token perplexity on the `{eval_cfg['dataset']}` test split; parameters "
+        "and bytes of the saved checkpoint; expert calls per token counted during that evaluation (relative to dense); "
+        "block loss = NAEE objective of the dropped set, relative to the unpruned block output, mean over layers "
+        "(calibration tokens).",
+        "",
+        "| model | experts / layer | token ppl | vs dense | parameters | checkpoint | expert calls / token | skip rate | block loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    best = min((r["token_ppl"] for r in rows if r["model"] != "full"), default=None)
+    for r in rows:
+        ppl = f"{r['token_ppl']:.2f}"
+        if r["model"] != "full" and r["token_ppl"] == best:
+            ppl = f"**{ppl}**"
+        lines.append(
+            f"| {r['label']} | {r['experts']} | {ppl} | {r['ppl_rel']:.3f}x | {r['parameters']:,} ({r['params_rel']:.1%}) | "
+            f"{_mib(r['bytes'])} | {r['calls_per_token']:.3f} ({r['calls_rel']:.1%}) | "
+            f"{r['skip_rate']:.1%} | " + (f"{r['block_loss']:.2%}" if r["block_loss"] is not None else "") + " |")
+    lines.append("")
+    skips = [r for r in rows if r["skipping"]]
+    if skips:
+        lines.append("Skip rate per layer on the evaluation tokens: " + "; ".join(
+            f"{r['label']}: " + ", ".join(f"{x:.0%}" for x in r["skip_rates"]) for r in skips) + ".")
+        lines.append("")
+    if task:
+        ds = task[0]["dataset"]
+        lines += [f"Task-specific pruning: token perplexity on the `{ds}` test files ({task[0]['windows']} windows) "
+                  "and on the general test split.", "",
+                  "| model | domain ppl | general ppl |", "|---|---:|---:|"]
+        for r in task:
+            lines.append(f"| {r['label']} | {r['task_ppl']:.2f} | " + (f"{r['token_ppl']:.2f}" if r["token_ppl"] else "") + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def usage_matrix(ev: dict, num_experts: int):
+    """(layers, original experts) fraction of tokens routed to each expert; NaN where the expert was removed."""
+    import math
+
+    layers = ev["expert_usage"]["layers"]
+    out = []
+    for i in sorted(layers, key=int):
+        sel, tokens = layers[i]["selections"], layers[i]["tokens"]
+        out.append([sel[str(e)] / tokens if str(e) in sel else math.nan for e in range(num_experts)])
+    return out
+
+
+def usage_plot(panels: list[tuple[str, dict]], num_experts: int, path) -> None:
+    """Heatmaps of expert usage per layer (fraction of tokens routed to each original expert), one per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .atomic import atomic_path
+
+    mats = [np.array(usage_matrix(ev, num_experts), dtype=float) for _, ev in panels]
+    vmax = max(float(np.nanmax(m)) for m in mats)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 2.8), squeeze=False)
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgrey")
+    for ax, (title, ev), mat in zip(axes[0], panels, mats):
+        im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(f"{title}\n{ev['expert_usage']['calls_per_token']:.2f} expert calls / token", fontsize=8)
+        ax.set_xlabel("expert (original index)", fontsize=8)
+        ax.set_xticks(range(num_experts))
+        ax.set_yticks(range(mat.shape[0]))
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("layer", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, label="tokens routed (fraction)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -62,6 +62,19 @@ class MoEAdapter:
     # -- routing semantics ---------------------------------------------------------------------
     def route(self, router_weight: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k_index (T, k), top_k_weights (T, k)): the combine weights the block multiplies onto outputs."""
+        return self.route_logits(nn.functional.linear(x, router_weight))
+
+    def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing from router logits (T, E). A logit of -inf removes that expert from the choice, exactly as
+        deleting its router row does (expert pruning)."""
+        raise NotImplementedError
+
+    # -- expert pruning ----------------------------------------------------------------------------
+    expert_count_keys: tuple[str, ...] = ()  # config keys holding the number of routed experts
+
+    def drop_experts(self, layer: nn.Module, kept: list[int]) -> None:
+        """Keep only experts ``kept`` (original indices, ascending) in one MoE layer: expert weights and
+        router rows are index-selected in place and the modules' expert counts updated."""
         raise NotImplementedError
 
     # -- per-expert views (nn.Linear orientation: (out, in)) -------------------------------------

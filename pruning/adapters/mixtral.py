@@ -33,12 +33,22 @@ class MixtralAdapter(MoEAdapter):
     def top_k(self) -> int:
         return self.config.num_experts_per_tok
 
-    def route(self, router_weight, x):
-        logits = nn.functional.linear(x, router_weight)
+    expert_count_keys = ("num_local_experts",)
+
+    def route_logits(self, logits):
         probs = torch.softmax(logits.float(), dim=-1)
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return index, weights
+
+    def drop_experts(self, layer, kept):
+        idx = torch.tensor(kept, dtype=torch.long, device=layer.mlp.gate.weight.device)
+        gate, experts = layer.mlp.gate, layer.mlp.experts
+        gate.weight = nn.Parameter(gate.weight.data.index_select(0, idx).clone(), requires_grad=gate.weight.requires_grad)
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(p.data.index_select(0, idx).clone(), requires_grad=p.requires_grad))
+        gate.num_experts = experts.num_experts = len(kept)
 
     def embed(self, model, input_ids):
         return model.model.embed_tokens(input_ids)

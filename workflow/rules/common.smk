@@ -5,13 +5,17 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from pruning.experts import EXPERT_METHODS
 from pruning.prune import METHODS as ALL_METHODS, SCORE_METHODS, SPARSEGPT_METHODS, updates_weights
 from pruning.params import (
     ParamsError,
+    base_token,
     calib_id,
+    check_experts,
     check_model,
     check_schema,
     check_semantics,
+    parse_base,
     sparsity_token,
 )
 
@@ -20,20 +24,28 @@ try:
     check_schema(config, SCHEMA)  # one clear line per problem, before anything runs
     check_semantics(config)
     EXTERNAL_MODEL_CONFIG = check_model(config)
+    validate(config, str(SCHEMA))  # fills schema defaults
+    check_experts(config, EXTERNAL_MODEL_CONFIG)
 except ParamsError as exc:
     sys.stderr.write(f"params.yaml: {exc}\n")
     sys.exit(1)
-validate(config, str(SCHEMA))  # fills schema defaults
 
 BUILTIN = config["model"]["name_or_path"] == "builtin"
 ROOT = f"results/{config['model']['name']}"
 CID = calib_id(config["calib"], config["seed"])
-CALIB = f"{ROOT}/calib/{CID}"
+CALIB_SETS = {CID: config["calib"]}  # every calibration set the run uses, by its id
+TASK = config["experts"]["task"] if (config["experts"].get("task") or {}).get("source") else None
+if TASK:
+    TASK_CID = calib_id({**config["calib"], "source": TASK["source"]}, config["seed"])
+    CALIB_SETS[TASK_CID] = {**config["calib"], "source": TASK["source"]}
+    TASK_EVAL = TASK.get("eval") or TASK["source"]
 LOGS = f"{ROOT}/logs"
 BENCH = f"{ROOT}/benchmarks"
 CORPUS = "data/builtin"
 CORPUS_FILES = [f"{CORPUS}/{s}.jsonl" for s in ("train", "validation", "test")] + [f"{CORPUS}/manifest.json"]
-NEEDS_CORPUS = BUILTIN or "builtin" in (config["calib"]["source"], config["eval"]["dataset"])
+NEEDS_CORPUS = BUILTIN or any(
+    s.split(":")[0] == "builtin" for s in [config["calib"]["source"], config["eval"]["dataset"]] + ([TASK["source"], TASK_EVAL] if TASK else [])
+)
 
 if BUILTIN:
     MODEL_DIR = f"{ROOT}/base"
@@ -48,8 +60,12 @@ LAYERS = list(range(NUM_LAYERS))
 METHODS = config["prune"]["methods"]
 SPARSITIES = [sparsity_token(s) for s in config["prune"]["sparsities"]]
 PROPAGATIONS = config["prune"]["propagation"]
+BASES = config["prune"]["bases"]  # models weight pruning runs on: full, or expert-pruned models
 README_BLOCK = config["report"].get("readme_block", "results")
-VARIANT = f"{ROOT}/{CID}/{{prop}}/{{method}}/{{sp}}"  # one pruned variant
+# A base model is "full" (the checkpoint) or an expert-pruned one, "<expert method>-k<keep>[-task]".
+VARIANT = f"{ROOT}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}"  # one weight-pruned variant of a base model
+SEARCH = f"{ROOT}/search/{{cid}}/k{{keep}}"  # expert search results per calibration set and kept count
+BASE_RE = r"full|(?:" + "|".join(EXPERT_METHODS) + r")-k\d+(?:-task)?"
 
 
 wildcard_constraints:
@@ -57,6 +73,11 @@ wildcard_constraints:
     method="|".join(ALL_METHODS),
     sp=r"0\.\d+|\d+of\d+",
     layer=r"\d+",
+    base=BASE_RE,
+    cid=r"[A-Za-z0-9_.-]+?-n\d+-l\d+-s\d+",
+    keep=r"\d+",
+    mdl=rf"(?:{BASE_RE})(?:/skip)?",
+    ds="ppl|task_ppl",
 
 
 def model_inputs():
@@ -64,12 +85,53 @@ def model_inputs():
     return [MODEL_DIR] if BUILTIN else [f"{MODEL_DIR}/config.json"]
 
 
+def base_dir(base):
+    """Checkpoint directory of a base model."""
+    return MODEL_DIR if base == "full" else f"{ROOT}/{base}/checkpoint"
+
+
+def base_inputs(wildcards):
+    return model_inputs() if wildcards.base == "full" else [base_dir(wildcards.base)]
+
+
+def base_cid(base):
+    """Calibration set an expert-pruned model was searched on."""
+    return TASK_CID if base.endswith("-task") else CID
+
+
+def calib_dir(base, cid=CID):
+    return f"{ROOT}/{base}/calib/{cid}"
+
+
+def model_dir_of(mdl):
+    """Checkpoint directory of an evaluated model: full, an expert-pruned base, or '<base>/skip'."""
+    return f"{ROOT}/{mdl}/checkpoint" if mdl.endswith("/skip") else base_dir(mdl)
+
+
+def expert_bases():
+    """Every expert-pruned model the run builds and evaluates."""
+    out = [base_token(m, k) for m in config["experts"]["methods"] for k in config["experts"]["keep"]]
+    if TASK:
+        out += [base_token(m, k, task=True) for m in TASK["methods"] for k in TASK["keep"]]
+    return out
+
+
+def evaluated_models():
+    """(model, data set) pairs whose perplexity the report needs, beyond the weight-pruned variants."""
+    models = ["full"] + expert_bases() + [f"{b}/skip" for b in config["skipping"]["bases"]]
+    out = [(m, "ppl") for m in dict.fromkeys(models)]
+    if TASK:  # domain perplexity: dense, task-agnostic and task-specific models of the same method and keep
+        task_models = ["full"] + [base_token(m, k, t) for m in TASK["methods"] for k in TASK["keep"] for t in (False, True)]
+        out += [(m, "task_ppl") for m in task_models]
+    return out
+
+
 def corpus_inputs():
     return CORPUS_FILES if NEEDS_CORPUS else []
 
 
 def variants():
-    return [dict(prop=p, method=m, sp=s) for p in PROPAGATIONS for m in METHODS for s in SPARSITIES]
+    return [dict(base=b, prop=p, method=m, sp=s) for b in BASES for p in PROPAGATIONS for m in METHODS for s in SPARSITIES]
 
 
 def final_outputs():
@@ -94,7 +156,7 @@ def pkg(*modules):
 def _previous_layer(wildcards):
     i = int(wildcards.layer)
     if i == 0:
-        return {"tokens": f"{CALIB}/tokens.safetensors"}
+        return {"tokens": f"{calib_dir(wildcards.base)}/tokens.safetensors"}
     prev = VARIANT.format(**{**wildcards, "layer": i - 1})
     out = {
         "hidden": f"{prev}/seqcalib/layer_{i - 1}.hidden.safetensors",
@@ -107,30 +169,30 @@ def _previous_layer(wildcards):
 
 def _stats(wildcards):
     if wildcards.prop == "dense":
-        return f"{CALIB}/dense/layer_{wildcards.layer}.stats.safetensors"
+        return f"{calib_dir(wildcards.base)}/dense/layer_{wildcards.layer}.stats.safetensors"
     variant = VARIANT.format(**wildcards)
     return f"{variant}/seqcalib/layer_{wildcards.layer}.stats.safetensors"
 
 
 def _moe_inputs(wildcards):
     """Cached MoE-block inputs of one layer (dense pass, or this variant's sequential chain)."""
-    return _moe_inputs_of(wildcards.prop, wildcards.method, wildcards.sp, wildcards.layer)
+    return _moe_inputs_of(wildcards, wildcards.layer)
 
 
-def _moe_inputs_of(prop, method, sp, layer):
-    if prop == "dense":
-        return f"{CALIB}/dense/layer_{layer}.inputs.safetensors"
-    variant = VARIANT.format(prop=prop, method=method, sp=sp)
+def _moe_inputs_of(wildcards, layer):
+    if wildcards.prop == "dense":
+        return f"{calib_dir(wildcards.base)}/dense/layer_{layer}.inputs.safetensors"
+    variant = VARIANT.format(**{k: wildcards[k] for k in ("base", "prop", "method", "sp")})
     return f"{variant}/seqcalib/layer_{layer}.inputs.safetensors"
 
 
 def _all_moe_inputs(wildcards):
-    return [_moe_inputs_of(wildcards.prop, wildcards.method, wildcards.sp, i) for i in LAYERS]
+    return [_moe_inputs_of(wildcards, i) for i in LAYERS]
 
 
 def _layer_files(wildcards):
     """Per-layer results ``apply`` assembles: masks, plus updated weights for SparseGPT methods."""
-    variant = VARIANT.format(**wildcards)
+    variant = VARIANT.format(**{k: wildcards[k] for k in ("base", "prop", "method", "sp")})
     out = {"masks": [f"{variant}/masks/layer_{i}.safetensors" for i in LAYERS]}
     if updates_weights(wildcards.method):
         out["weights"] = [f"{variant}/weights/layer_{i}.safetensors" for i in LAYERS]

@@ -1,23 +1,26 @@
 # Token perplexity of the dense model and of every variant, then the results table.
 
 
-rule evaluate_ppl_dense:
+rule evaluate_model:
+    """Token perplexity of a whole model: the dense checkpoint (full), an expert-pruned one, or a skipping one
+    ('<base>/skip'), on the evaluation split (ppl) or the task domain's test split (task_ppl). Also counts the
+    expert calls per token and, for skipping models, the skip rate per layer."""
     input:
-        model=model_inputs(),
+        checkpoint=lambda w: model_inputs() if w.mdl == "full" else [model_dir_of(w.mdl)],
         corpus=corpus_inputs(),
-        code=pkg("evaluate", "data"),
+        code=pkg("evaluate", "data", "sources", "usage", "skipping", "reduce", "checkpoint"),
     output:
-        f"{ROOT}/eval/dense/ppl.json",
+        f"{ROOT}/{{mdl}}/eval/{{ds}}.json",
     log:
-        f"{LOGS}/eval/dense.log",
+        f"{LOGS}/eval/{{mdl}}/{{ds}}.log",
     benchmark:
-        f"{BENCH}/eval/dense.tsv"
+        f"{BENCH}/eval/{{mdl}}/{{ds}}.tsv"
     params:
-        checkpoint=MODEL_DIR,
+        checkpoint=lambda w: model_dir_of(w.mdl),
         model=config["model"],
-        eval=config["eval"],
+        eval=lambda w: config["eval"] if w.ds == "ppl" else {**config["eval"], "dataset": TASK_EVAL},
         corpus_dir=CORPUS,
-    threads: workflow.cores
+    threads: 1  # job start-up is single-threaded: on CPU two 1-thread jobs beat one 2-thread job
     resources:
         gpu=1,
     script:
@@ -29,18 +32,18 @@ rule evaluate_ppl:
         checkpoint=f"{VARIANT}/checkpoint",
         sparsity=f"{VARIANT}/sparsity.json",
         corpus=corpus_inputs(),
-        code=pkg("evaluate", "data"),
+        code=pkg("evaluate", "data", "sources", "usage", "skipping", "reduce", "checkpoint"),
     output:
         f"{VARIANT}/eval/ppl.json",
     log:
-        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/evaluate_ppl.log",
+        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/evaluate_ppl.log",
     benchmark:
-        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/evaluate_ppl.tsv"
+        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/evaluate_ppl.tsv"
     params:
         model=config["model"],
         eval=config["eval"],
         corpus_dir=CORPUS,
-    threads: workflow.cores
+    threads: 1  # job start-up is single-threaded: on CPU two 1-thread jobs beat one 2-thread job
     resources:
         gpu=1,
     script:
@@ -52,16 +55,16 @@ rule block_error:
     input:
         unpack(_layer_files),
         inputs=_all_moe_inputs,
-        model=model_inputs(),
+        model=base_inputs,
         code=pkg("diagnose", "hessian", "checkpoint", "masks"),
     output:
         f"{VARIANT}/eval/block_error.json",
     log:
-        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/block_error.log",
+        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/block_error.log",
     benchmark:
-        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/block_error.tsv"
+        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/block_error.tsv"
     params:
-        model_dir=MODEL_DIR,
+        model_dir=lambda w: base_dir(w.base),
     script:
         "../scripts/block_error.py"
 
@@ -69,11 +72,15 @@ rule block_error:
 rule report:
     """metrics/ppl.json (DVC metrics), metrics/ppl.csv + PNG (DVC plots), metrics/results.md (table)."""
     input:
-        dense=f"{ROOT}/eval/dense/ppl.json",
+        dense=f"{ROOT}/full/eval/ppl.json",
+        models=[f"{ROOT}/{m}/eval/{ds}.json" for m, ds in evaluated_models()],
+        reductions=[f"{ROOT}/{b}/reduction.json" for b in expert_bases()],
+        searches=[f"{ROOT}/{b}/search.json" for b in expert_bases()],
+        betas=[f"{ROOT}/{b}/skip/betas.json" for b in config["skipping"]["bases"]],
         variants=[f"{VARIANT}/eval/ppl.json".format(**v) for v in variants()],
         sparsity=[f"{VARIANT}/sparsity.json".format(**v) for v in variants()],
         block_error=[f"{VARIANT}/eval/block_error.json".format(**v) for v in variants()],
-        calib_stats=expand(f"{CALIB}/dense/layer_{{layer}}.stats.safetensors", layer=LAYERS),
+        calib_stats=expand(f"{calib_dir('full')}/dense/layer_{{layer}}.stats.safetensors", layer=LAYERS),
         base_report=[f"{ROOT}/base_report.json"] if BUILTIN else [],
         code=pkg("report", "diagnose"),
     output:
@@ -81,10 +88,16 @@ rule report:
         csv="metrics/ppl.csv",
         table="metrics/results.md",
         plot="metrics/ppl_vs_sparsity.png",
+        experts_csv="metrics/experts.csv",
+        usage_plot="metrics/expert_usage.png",
     log:
         f"{LOGS}/report.log",
     params:
         variants=variants(),
+        models=evaluated_models(),
+        expert_bases=expert_bases(),
+        skip_bases=config["skipping"]["bases"],
+        task=TASK,
         model=config["model"]["name"],
         calib_id=CID,
         eval=config["eval"],
@@ -97,9 +110,11 @@ rule readme:
     input:
         table="metrics/results.md",
         plot="metrics/ppl_vs_sparsity.png",
+        usage_plot="metrics/expert_usage.png",
     output:
         stamp=touch(f"{ROOT}/readme.{README_BLOCK}.stamp"),
         plot=f"docs/{README_BLOCK}.png",
+        usage_plot=f"docs/{README_BLOCK}_expert_usage.png",
     log:
         f"{LOGS}/readme.log",
     params:

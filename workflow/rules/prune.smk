@@ -5,16 +5,16 @@ rule mask:
     """Score methods, one job per layer: score every expert matrix and choose its mask."""
     input:
         stats=_stats,
-        model=model_inputs(),
+        model=base_inputs,
         code=pkg("prune", "scores", "masks", "checkpoint"),
     output:
         f"{VARIANT}/masks/layer_{{layer}}.safetensors",
     log:
-        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
+        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
     benchmark:
-        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
+        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
     params:
-        model_dir=MODEL_DIR,
+        model_dir=lambda w: base_dir(w.base),
         model=config["model"],
     wildcard_constraints:
         method="|".join(SCORE_METHODS),
@@ -28,17 +28,17 @@ rule mask_sparsegpt:
     """SparseGPT methods, one job per layer: OBS masks and updated weights from the cached MoE-block inputs."""
     input:
         inputs=_moe_inputs,
-        model=model_inputs(),
+        model=base_inputs,
         code=pkg("prune", "sparsegpt", "hessian", "masks", "checkpoint", "adapters/base", "adapters/mixtral"),
     output:
         masks=f"{VARIANT}/masks/layer_{{layer}}.safetensors",
         weights=f"{VARIANT}/weights/layer_{{layer}}.safetensors",
     log:
-        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
+        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
     benchmark:
-        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
+        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
     params:
-        model_dir=MODEL_DIR,
+        model_dir=lambda w: base_dir(w.base),
         model=config["model"],
         sparsegpt=config["prune"]["sparsegpt"],
     wildcard_constraints:
@@ -53,17 +53,17 @@ rule apply:
     """Write the pruned model as a standard HF checkpoint plus the achieved sparsity."""
     input:
         unpack(_layer_files),
-        model=model_inputs(),
+        model=base_inputs,
         code=pkg("apply", "masks", "checkpoint"),
     output:
         checkpoint=_checkpoint(directory(f"{VARIANT}/checkpoint")),
         sparsity=f"{VARIANT}/sparsity.json",
     log:
-        f"{LOGS}/{CID}/{{prop}}/{{method}}/{{sp}}/apply.log",
+        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/apply.log",
     benchmark:
-        f"{BENCH}/{CID}/{{prop}}/{{method}}/{{sp}}/apply.tsv"
+        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/apply.tsv"
     params:
-        model_dir=MODEL_DIR,
+        model_dir=lambda w: base_dir(w.base),
         model=config["model"],
     script:
         "../scripts/apply.py"

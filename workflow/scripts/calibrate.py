@@ -5,7 +5,7 @@ from pruning.adapters import get_adapter
 from pruning.atomic import save_safetensors
 from pruning.calibrate import ResidentSource, stream
 from pruning.checkpoint import load_model
-from pruning.data import calibration_tokens
+from pruning.sources import calibration_tokens
 from pruning.env import environment, seed_everything
 from pruning.gpu_pool import claim_device
 from pruning.joblog import to_log, torch_dtype

@@ -27,15 +27,55 @@ if inp.base_report:
         f"{b['train_seconds'] / 60:.1f} min): validation token perplexity **{b['validation_ppl']:.2f}** vs "
         f"**{b['unigram_ppl']:.2f}** for a unigram model of the training split."
     )
-write_text(out.table, report.markdown(rows, dense["token_ppl"], header, outliers))
-report.plot(rows, dense["token_ppl"], out.plot)
+for r, v in zip(rows, p.variants):  # weight pruning on an expert-pruned model: named in the method column
+    if v["base"] != "full":
+        r["method"] = f"{r['method']}@{v['base']}"
+report.LABELS.update({f"{m}@{b}": f"{report.LABELS.get(m, m)} on {report.model_label(b)}"
+                      for b in {v["base"] for v in p.variants} if b != "full" for m in {v["method"] for v in p.variants}})
+
+bases = p.expert_bases
+reductions = {b: json.load(open(f)) for b, f in zip(bases, inp.reductions)}
+searches = {b: json.load(open(f)) for b, f in zip(bases, inp.searches)}
+erows = report.expert_rows(p.models, inp.models, reductions, searches)
+trows = report.task_rows(p.models, inp.models)
+table = report.markdown(rows, dense["token_ppl"], header, outliers) if rows else header + "\n"
+table += "\n" + report.experts_markdown(erows, trows, p.eval)
+write_text(out.table, table)
+if rows:
+    report.plot(rows, dense["token_ppl"], out.plot)
+else:
+    report.plot([{"propagation": "dense", "method": "dense", "label": "0%", "target_sparsity": 0.0, "token_ppl": dense["token_ppl"]}],
+                dense["token_ppl"], out.plot)
+evals = {m: json.load(open(f)) for (m, ds), f in zip(p.models, inp.models) if ds == "ppl"}
+panels = [("dense", evals["full"])]
+naee = sorted((b for b in bases if b.startswith("naee-k") and not b.endswith("-task")), key=lambda b: int(b.split("-k")[1]))
+pick = naee[0] if naee else (bases[0] if bases else None)
+if pick:
+    panels.append((report.model_label(pick), evals[pick]))
+for b in ([pick] if pick else []) + ["full"]:
+    if f"{b}/skip" in evals and len(panels) < 4:
+        panels.append((report.model_label(f"{b}/skip"), evals[f"{b}/skip"]))
+report.usage_plot(panels, dense["num_experts"], out.usage_plot)
 
 # DVC flattens nested keys with '.', so keys carry no dots: unpruned.token_ppl, dense.wanda.sp50.token_ppl
 metrics = {"unpruned": {"token_ppl": dense["token_ppl"]}}
 for r in rows:
     metrics.setdefault(r["propagation"], {}).setdefault(r["method"], {})[report.metric_key(r["sparsity"])] = {
         "token_ppl": r["token_ppl"], "expert_sparsity": r["expert_sparsity"], "block_error": r["block_error"]}
+for r in erows:
+    if r["model"] != "full":
+        metrics.setdefault("experts", {})[r["model"].replace("/", "_")] = {
+            "token_ppl": r["token_ppl"], "parameters": r["parameters"], "calls_per_token_rel": r["calls_rel"],
+            "skip_rate": r["skip_rate"]}
+for r in trows:
+    metrics.setdefault("task", {})[r["model"]] = {"task_ppl": r["task_ppl"]}
 write_json(out.json, metrics)
+ebuf = io.StringIO()
+efields = ["model", "experts", "skipping", "token_ppl", "parameters", "bytes", "calls_per_token", "calls_rel", "skip_rate", "block_loss"]
+ew = csv.DictWriter(ebuf, fieldnames=efields, extrasaction="ignore", lineterminator="\n")
+ew.writeheader()
+ew.writerows(erows)
+write_text(out.experts_csv, ebuf.getvalue())
 
 buf = io.StringIO()
 fields = ["propagation", "method", "sparsity", "target_sparsity", "expert_sparsity", "token_ppl", "block_error"]

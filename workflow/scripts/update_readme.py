@@ -8,11 +8,13 @@ from pruning.joblog import to_log
 log = to_log(snakemake.log[0])
 block = snakemake.params.block
 BEGIN, END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
-with atomic_path(snakemake.output.plot) as tmp:
-    shutil.copyfile(snakemake.input.plot, tmp)
+for src, dst in ((snakemake.input.plot, snakemake.output.plot), (snakemake.input.usage_plot, snakemake.output.usage_plot)):
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 readme = Path(snakemake.params.readme)
 table = Path(snakemake.input.table).read_text().strip()
-body = f"{table}\n\n![token perplexity vs sparsity]({snakemake.output.plot})"
+body = (f"{table}\n\n![token perplexity vs sparsity]({snakemake.output.plot})\n\n"
+        f"![expert usage per layer, before and after expert pruning and skipping]({snakemake.output.usage_plot})")
 text = readme.read_text() if readme.exists() else ""
 if BEGIN in text and END in text:
     head, rest = text.split(BEGIN, 1)

@@ -1,0 +1,115 @@
+"""Dynamic expert skipping (NAEE, arXiv 2402.14800): for a top-2 router, a token whose second combine weight
+is below beta_l times its first uses only its first expert, with weight 1.
+
+The second expert is really not computed: its slot gets the sentinel index E (= number of experts), which
+transformers 5's experts implementations leave out (the eager loop skips it, grouped_mm drops its rows).
+beta_l is stored per MoE layer in the checkpoint's ``config.betas = {"<layer>": beta}`` (NAEE's key), so a
+checkpoint keeps working as a plain Mixtral in stock transformers (betas are then ignored) and skips after
+
+    import pruning.skipping
+    pruning.skipping.register()                      # once per process
+    model = AutoModelForCausalLM.from_pretrained(path)   # routers of every layer in config.betas now skip
+
+or, on an already loaded model, ``pruning.skipping.enable_dynamic_skipping(model)``.
+"""
+from __future__ import annotations
+
+import torch
+
+BETAS_KEY = "betas"
+
+
+def skip_second(index: torch.Tensor, weights: torch.Tensor, beta: float, num_experts: int):
+    """Apply the skipping rule to top-2 routing (index, weights: (T, 2)).
+
+    Returns (index, weights, skipped (T,) bool): skipped tokens keep their larger-weight expert with weight 1
+    and get the sentinel ``num_experts`` with weight 0 in the other slot.
+    """
+    first = weights.argmax(dim=-1, keepdim=True)  # slot of the larger weight (slot 0 when tied)
+    w1 = weights.gather(1, first)[:, 0]
+    w2 = weights.gather(1, 1 - first)[:, 0]
+    skipped = w2 < beta * w1
+    slot = torch.arange(2, device=index.device)[None, :]
+    drop = skipped[:, None] & (slot != first)
+    keep = skipped[:, None] & (slot == first)
+    index = torch.where(drop, torch.full_like(index, num_experts), index)
+    weights = torch.where(drop, torch.zeros_like(weights), torch.where(keep, torch.ones_like(weights), weights))
+    return index, weights, skipped
+
+
+class _SkippingRouter:
+    """Mixed in before a router class whose forward returns (logits, top_k_weights, top_k_index)."""
+
+    skip_beta: float = 0.0
+
+    def forward(self, hidden_states):
+        logits, weights, index = super().forward(hidden_states)
+        index, weights, skipped = skip_second(index, weights, self.skip_beta, self.num_experts)
+        counts = torch.stack([skipped.sum(), torch.tensor(skipped.numel(), device=skipped.device)])
+        self.skip_counts = counts if getattr(self, "skip_counts", None) is None else self.skip_counts + counts
+        return logits, weights, index
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _skipping_class(cls: type) -> type:
+    if issubclass(cls, _SkippingRouter):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Skipping{cls.__name__}", (_SkippingRouter, cls), {})
+    return _CLASSES[cls]
+
+
+def enable_dynamic_skipping(model, betas: dict | None = None) -> dict[int, float]:
+    """Make every MoE layer named in ``betas`` (default: ``model.config.betas``) skip; returns {layer: beta}."""
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model.config)
+    betas = getattr(model.config, BETAS_KEY, None) if betas is None else betas
+    if not betas:
+        raise ValueError("dynamic skipping: the model config has no 'betas' (run skip_calibrate first)")
+    if adapter.top_k != 2:
+        raise ValueError(f"dynamic skipping needs a top-2 router; this model routes to top_k={adapter.top_k}")
+    layers = adapter.decoder_layers(model)
+    out = {}
+    for key, beta in sorted(betas.items(), key=lambda kv: int(kv[0])):
+        router = adapter.router(layers[int(key)])
+        router.__class__ = _skipping_class(type(router))
+        router.skip_beta = float(beta)
+        router.skip_counts = None
+        out[int(key)] = float(beta)
+    setattr(model.config, BETAS_KEY, {str(k): v for k, v in out.items()})
+    return out
+
+
+def skip_rates(model) -> dict[int, dict]:
+    """Per skipping layer: tokens seen, tokens whose second expert was skipped, and the rate, since enabling."""
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model.config)
+    out = {}
+    for i in adapter.moe_layer_indices():
+        router = adapter.router(adapter.decoder_layers(model)[i])
+        if isinstance(router, _SkippingRouter) and router.skip_counts is not None:
+            skipped, total = (int(v) for v in router.skip_counts.tolist())
+            out[i] = {"tokens": total, "skipped": skipped, "rate": skipped / max(total, 1), "beta": router.skip_beta}
+    return out
+
+
+def betas_from_ratios(ratios: dict[int, torch.Tensor]) -> dict[str, float]:
+    """beta_l = median over calibration tokens of w_(2) / w_(1) (the two largest top-2 weights of each token)."""
+    return {str(i): float(torch.quantile(r.double(), 0.5)) for i, r in sorted(ratios.items())}
+
+
+def register() -> None:
+    """Have ``AutoModelForCausalLM.from_pretrained`` build Mixtral models that skip when config.betas is set."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    class SkippingMixtralForCausalLM(MixtralForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            if getattr(config, BETAS_KEY, None):
+                enable_dynamic_skipping(self)
+
+    AutoModelForCausalLM.register(MixtralConfig, SkippingMixtralForCausalLM, exist_ok=True)

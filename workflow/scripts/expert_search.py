@@ -1,0 +1,59 @@
+"""Expert search for one layer and kept count: NAEE's loss of every dropped set, and the baselines' choices."""
+import torch
+from safetensors.torch import load_file
+
+from pruning.adapters import get_adapter
+from pruning.atomic import write_json
+from pruning.checkpoint import load_config, read_expert_weights, read_router_weight
+from pruning.env import environment, seed_everything
+from pruning.experts import (
+    BlockLoss, add_scores, block_targets, method_scores, random_experts, routed_scores, search, top_experts,
+)
+from pruning.gpu_pool import claim_device
+from pruning.joblog import to_log
+
+log = to_log(snakemake.log[0])
+w, p = snakemake.wildcards, snakemake.params
+layer, keep = int(w.layer), int(w.keep)
+seed_everything(p.seed, snakemake.threads)
+adapter = get_adapter(load_config(p.model_dir))
+E = adapter.num_experts
+with claim_device(".gpu_pool") as device:
+    x = load_file(snakemake.input.inputs)["hidden_states"].to(device)
+    gate_up, down = (t.to(device) for t in read_expert_weights(p.model_dir, adapter, layer))
+    router = read_router_weight(p.model_dir, adapter, layer).to(device)
+    act = adapter.activation()
+    per = p.seqlen * p.batch_size  # one calibration batch of sequences, as in NAEE
+    batches = [x[i : i + per] for i in range(0, x.shape[0], per)]
+    targets = block_targets(batches, router, gate_up, down, act, adapter.route_logits)
+    loss = BlockLoss(batches, router, gate_up, down, act, adapter.route_logits, targets=targets)
+    res = search(loss, E, keep, p.experts["max_subsets"], p.experts["beam_width"])
+    sums = None
+    for b in batches:  # the model's own routing (its dtype) and combine weights
+        idx, wts = adapter.route(router.to(b.dtype), b)
+        sums = add_scores(sums, routed_scores(b, idx, wts, gate_up, down, act))
+    scores = method_scores(sums)
+    chosen = {"naee": res["kept"], **{m: top_experts(scores[m], keep) for m in scores},
+              "random": random_experts(E, keep, p.seed, layer)}
+    known = {tuple(d): v for d, v in res["candidates"]}
+    dropped = {m: tuple(e for e in range(E) if e not in k) for m, k in chosen.items()}
+    missing = sorted({d for d in dropped.values() if d not in known})
+    known.update(zip(missing, loss(missing)))
+    target_norm = sum(torch.linalg.matrix_norm(z, ord="fro").item() for z in targets)
+    env = environment(device)
+write_json(snakemake.output[0], {
+    "layer": layer, "keep": keep, "num_experts": E, "top_k": adapter.top_k, "calib_id": w.cid, "mode": "layerwise",
+    "tokens": int(x.shape[0]), "batches": len(batches), "search": res["search"], "exhaustive": res["exhaustive"],
+    "objective": "sum over batches of ||Z_b - F_D(X_b)||_F, float64",
+    "target_norm": target_norm,
+    "chosen": chosen,
+    "loss": {m: known[d] for m, d in dropped.items()},
+    "relative_loss": {m: known[d] / target_norm for m, d in dropped.items()},
+    "scores": {**scores, "count": sums["count"].tolist()},
+    "candidates": res["candidates"],
+    "environment": env,
+})
+log.info("layer %d keep %d: %s; NAEE drops %s (loss %.4f, %.2f%% of ||Z||)", layer, keep, res["search"], res["dropped"],
+         res["loss"], 100 * res["loss"] / target_norm)
+for m, k in chosen.items():
+    log.info("  %-9s keeps %s  loss %.4f", m, k, known[dropped[m]])

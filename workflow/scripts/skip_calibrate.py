@@ -1,0 +1,39 @@
+"""Dynamic skipping: beta per layer from this model's calibration statistics, stored in config.betas."""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from pruning.atomic import atomic_dir, write_json
+from pruning.joblog import to_log
+from pruning.skipping import BETAS_KEY
+
+log = to_log(snakemake.log[0])
+p, out = snakemake.params, snakemake.output
+layers = {}
+for f in snakemake.input.stats:
+    i = int(re.search(r"layer_(\d+)\.stats", f).group(1))
+    st = load_file(f)
+    levels, q = st["router.ratio_levels"].tolist(), st["router.ratio_quantiles"].tolist()
+    median = q[min(range(len(levels)), key=lambda j: abs(levels[j] - 0.5))]
+    layers[str(i)] = {"beta": median, "ratio_quantiles": dict(zip((f"{v:g}" for v in levels), q)),
+                      "routed_selections": int(st["count"].sum())}
+betas = {k: v["beta"] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))}
+src = Path(p.model_dir)
+with atomic_dir(out.checkpoint) as d:
+    for f in sorted(src.iterdir()):
+        if f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg[BETAS_KEY] = betas
+            (Path(d) / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        elif f.is_file():
+            try:
+                os.link(f, Path(d) / f.name)  # same bytes as the base checkpoint: a hard link, no copy
+            except OSError:
+                shutil.copy2(f, Path(d) / f.name)
+write_json(out.betas, {"rule": "beta_l = median over calibration tokens of w2/w1 (top-2 weights)",
+                       "calib_id": p.calib_id, "betas": betas, "layers": layers})
+log.info("betas %s", betas)
