@@ -36,7 +36,7 @@ class MixtralAdapter(MoEAdapter):
     expert_count_keys = ("num_local_experts",)
 
     def route_logits(self, logits):
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp32, or fp64
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return index, weights
