@@ -1,6 +1,5 @@
 """Dynamic skipping: beta per layer from this model's calibration statistics, stored in config.betas."""
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,11 +28,8 @@ with atomic_dir(out.checkpoint) as d:
             cfg = json.loads(f.read_text())
             cfg[BETAS_KEY] = betas
             (Path(d) / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        elif f.is_file():
-            try:
-                os.link(f, Path(d) / f.name)  # same bytes as the base checkpoint: a hard link, no copy
-            except OSError:
-                shutil.copy2(f, Path(d) / f.name)
+        elif f.is_file():  # a copy, not a hard link: Snakemake touches outputs, and a shared inode would
+            shutil.copyfile(f, Path(d) / f.name)  # make the base checkpoint look newer than everything built on it
 write_json(out.betas, {"rule": "beta_l = median over calibration tokens of w2/w1 (top-2 weights)",
                        "calib_id": p.calib_id, "betas": betas, "layers": layers})
 log.info("betas %s", betas)
