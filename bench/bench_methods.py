@@ -5,7 +5,7 @@ statistics), time what one ``mask`` job computes for each method (scores + mask 
 Hessians + OBS updates), relative to the Wanda mask time and to the forward time of that decoder layer over
 the same calibration tokens.
 
-    python bench/bench_methods.py [--model results/tiny/base] [--calib results/tiny/calib/builtin-n64-l256-s0]
+    python bench/bench_methods.py [--model results/tiny/base] [--calib results/tiny/full/calib/builtin-n64-l256-s0]
                                   [--sparsity 0.5] [--repeats 3]
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pruning.prune import METHODS, layer_masks, layer_sparsegpt, updates_weights
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="results/tiny/base")
-    ap.add_argument("--calib", default="results/tiny/calib/builtin-n64-l256-s0")
+    ap.add_argument("--calib", default="results/tiny/full/calib/builtin-n64-l256-s0")
     ap.add_argument("--sparsity", default="0.5")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)

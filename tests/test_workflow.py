@@ -1,5 +1,6 @@
 """End to end: the whole DAG on the micro config in a temp dir, then its rerun semantics."""
 import hashlib
+import itertools
 import json
 import re
 import subprocess
@@ -16,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--resources", "gpu=2", "--cores", "2"]
 MICRO = yaml.safe_load((ROOT / "tests/micro_params.yaml").read_text())
 MICRO["artifacts"]["keep_pruned_checkpoints"] = True
-VARIANTS = "results/micro/builtin-n8-l32-s0"
+VARIANTS = "results/micro/full/builtin-n8-l32-s0"
+CALIB = "results/micro/full/calib/builtin-n8-l32-s0/dense"
 
 
 def smk(workdir, *args, timeout=1200):
@@ -46,20 +48,20 @@ def run(tmp_path_factory):
 def test_outputs_and_metrics(run):
     metrics = json.loads((run / "metrics/ppl.json").read_text())
     assert metrics["unpruned"]["token_ppl"] > 1
-    for prop in ("dense", "sequential"):
-        for method in MICRO["prune"]["methods"]:
-            for sp in ("0.5", "2of4"):
-                v = run / VARIANTS / prop / method / sp
-                assert metrics[prop][method][{"0.5": "sp50"}.get(sp, sp)]["token_ppl"] > 1
-                err = json.loads((v / "eval/block_error.json").read_text())
-                assert 0 < err["mean"] < 1 and set(err["relative_block_error"]) == {"0", "1"}
-                rep = json.loads((v / "sparsity.json").read_text())
-                assert rep["expert_sparsity"] == 0.5 and rep["non_expert_sparsity"] == 0.0
-                for layer in (0, 1):
-                    masks, meta = load_masks(v / f"masks/layer_{layer}.safetensors")
-                    assert meta["method"] == method and meta["propagation"] == prop and len(meta["stats_sha256"]) == 64
-                    for m in masks.values():
-                        assert (~m).sum().item() == m.numel() // 2
+    for base, prop, method in itertools.product(("full", "naee-k3"), ("dense", "sequential"), MICRO["prune"]["methods"]):
+        sp = "2of4"
+        v = run / f"results/micro/{base}/builtin-n8-l32-s0" / prop / method / sp
+        key = method if base == "full" else f"{method}@{base}"
+        assert metrics[prop][key][sp]["token_ppl"] > 1
+        err = json.loads((v / "eval/block_error.json").read_text())
+        assert 0 < err["mean"] < 1 and set(err["relative_block_error"]) == {"0", "1"}
+        rep = json.loads((v / "sparsity.json").read_text())
+        assert rep["expert_sparsity"] == 0.5 and rep["non_expert_sparsity"] == 0.0
+        for layer in (0, 1):
+            masks, meta = load_masks(v / f"masks/layer_{layer}.safetensors")
+            assert meta["method"] == method and meta["propagation"] == prop and len(meta["stats_sha256"]) == 64
+            for m in masks.values():
+                assert (~m).sum().item() == m.numel() // 2
     table = (run / "metrics/results.md").read_text()
     assert "MoE-Pruner" in table and "router-weighted SparseGPT" in table and "2:4" in table
     assert "MoE-block output error" in table and "Input-channel norms" in table
@@ -68,9 +70,9 @@ def test_outputs_and_metrics(run):
     assert base["validation_ppl"] > 1 and base["unigram_ppl"] > 1
     manifest = json.loads((run / "data/builtin/manifest.json").read_text())
     assert sum(s["n_files"] for s in manifest["splits"].values()) > 0 and len(manifest["splits"]["test"]["sha256"]) == 64
-    for rule_log in ("calibrate/builtin-n8-l32-s0.log", "train_tiny.log"):
+    for rule_log in ("calibrate/full/builtin-n8-l32-s0.log", "train_tiny.log"):
         assert (run / "results/micro/logs" / rule_log).stat().st_size > 0
-    assert (run / "results/micro/benchmarks/calibrate/builtin-n8-l32-s0.tsv").exists()
+    assert (run / "results/micro/benchmarks/calibrate/full/builtin-n8-l32-s0.tsv").exists()
 
 
 def test_assembled_checkpoint_is_standard_hf(run):
@@ -91,13 +93,13 @@ def test_assembled_checkpoint_is_standard_hf(run):
 def test_sequential_matches_dense_on_layer0_and_differs_after(run):
     from safetensors.torch import load_file
 
-    dense = [load_file(run / f"results/micro/calib/builtin-n8-l32-s0/dense/layer_{i}.stats.safetensors") for i in (0, 1)]
-    seq = [load_file(run / f"{VARIANTS}/sequential/moe_pruner/0.5/seqcalib/layer_{i}.stats.safetensors") for i in (0, 1)]
+    dense = [load_file(run / f"{CALIB}/layer_{i}.stats.safetensors") for i in (0, 1)]
+    seq = [load_file(run / f"{VARIANTS}/sequential/moe_pruner/2of4/seqcalib/layer_{i}.stats.safetensors") for i in (0, 1)]
     for k in dense[0]:
         assert torch.equal(dense[0][k], seq[0][k]), k
     assert not torch.equal(dense[1]["gate_up.sum_x2"], seq[1]["gate_up.sum_x2"])
     # SparseGPT's chain feeds its updated weights forward: same layer-0 inputs, different layer-1 inputs
-    calib = "results/micro/calib/builtin-n8-l32-s0/dense"
+    calib = CALIB
     seq_dir = f"{VARIANTS}/sequential/sparsegpt_gate_weighted/2of4/seqcalib"
     x = {(src, i): load_file(run / f"{d}/layer_{i}.inputs.safetensors")["hidden_states"]
          for src, d in (("dense", calib), ("seq", seq_dir)) for i in (0, 1)}
@@ -112,22 +114,66 @@ def test_evaluation_param_change_reruns_only_evaluation(run):
     changed = yaml.safe_load(yaml.safe_dump(MICRO))
     changed["eval"]["max_windows"] = 8
     jobs = planned_jobs(run, changed)
-    assert set(jobs) == {"evaluate_ppl", "evaluate_ppl_dense", "report", "all"}, jobs
+    assert set(jobs) == {"evaluate_ppl", "evaluate_model", "report", "all"}, jobs
 
 
 def test_method_or_sparsity_change_never_recalibrates(run):
     changed = yaml.safe_load(yaml.safe_dump(MICRO))
-    changed["prune"]["sparsities"] = [0.5, "2:4", 0.6]
+    changed["prune"]["sparsities"] = ["2:4", 0.6]
     changed["prune"]["propagation"] = ["dense"]
     jobs = planned_jobs(run, changed)
-    assert "calibrate" not in jobs and "train_tiny" not in jobs
-    n_methods = len(MICRO["prune"]["methods"])
-    assert jobs.get("mask", 0) + jobs.get("mask_sparsegpt", 0) == n_methods * 2  # only the new sparsity, per layer
-    assert jobs["apply"] == n_methods
+    assert not {"calibrate", "train_tiny", "expert_search", "apply_experts", "skip_calibrate"} & set(jobs), jobs
+    n = len(MICRO["prune"]["methods"]) * len(MICRO["prune"]["bases"])
+    assert jobs.get("mask", 0) + jobs.get("mask_sparsegpt", 0) == n * 2  # only the new sparsity, per layer and base
+    assert jobs["apply"] == n
 
 
 def test_masks_are_byte_identical_when_recomputed(run):
-    target = f"{VARIANTS}/dense/moe_pruner/0.5/masks/layer_1.safetensors"
+    target = f"{VARIANTS}/dense/moe_pruner/2of4/masks/layer_1.safetensors"
     before = hashlib.sha256((run / target).read_bytes()).hexdigest()
     smk(run, target, "--force")
     assert hashlib.sha256((run / target).read_bytes()).hexdigest() == before
+
+
+def test_expert_pruning_outputs(run):
+    from transformers import AutoModelForCausalLM
+
+    search = run / "results/micro/search/builtin-n8-l32-s0/k3"
+    layerwise = [json.loads((search / f"layer_{i}.json").read_text()) for i in (0, 1)]
+    progressive = [json.loads((search / f"progressive/layer_{i}.json").read_text()) for i in (0, 1)]
+    for s in layerwise:
+        assert len(s["candidates"]) == 4 and s["exhaustive"] and set(s["chosen"]) == {"naee", "frequency", "reap", "ean", "random"}
+        assert min(v for _, v in s["candidates"]) == s["loss"]["naee"] <= min(s["loss"].values())
+    # layer 0 sees the same inputs and targets in both modes
+    assert progressive[0]["chosen"]["naee_progressive"] == layerwise[0]["chosen"]["naee"]
+    assert progressive[0]["candidates"] == pytest.approx(layerwise[0]["candidates"])
+    for base in ("naee-k3", "naee_progressive-k3", "frequency-k3", "random-k3", "naee-k3-task"):
+        red = json.loads((run / f"results/micro/{base}/reduction.json").read_text())
+        assert red["parameters_saved"] == red["parameters_saved_expected"] > 0 and red["tensor_bytes_saving_exact"]
+        ev = json.loads((run / f"results/micro/{base}/eval/ppl.json").read_text())
+        assert ev["num_experts"] == 3 and ev["expert_usage"]["calls_per_token"] == 2.0
+    model = AutoModelForCausalLM.from_pretrained(run / "results/micro/naee-k3/checkpoint")  # stock transformers
+    assert model.config.num_local_experts == 3 and model.model.layers[1].mlp.gate.weight.shape[0] == 3
+    kept = json.loads((run / "results/micro/naee-k3/search.json").read_text())["layers"]
+    assert model.config.pruned_experts["kept"] == {i: kept[i]["kept"] for i in ("0", "1")}
+    # weight pruning composed on the reduced model: masks for 3 experts, 2:4 exact
+    masks, _ = load_masks(run / "results/micro/naee-k3/builtin-n8-l32-s0/dense/moe_pruner/2of4/masks/layer_0.safetensors")
+    assert masks["gate_up_proj"].shape[0] == 3
+    task = json.loads((run / "results/micro/naee-k3-task/search.json").read_text())
+    assert task["calib_id"].startswith("builtin.asyncio-")
+
+
+def test_skipping_outputs(run):
+    for base in ("full", "naee-k3"):
+        cfg = json.loads((run / f"results/micro/{base}/skip/checkpoint/config.json").read_text())
+        betas = json.loads((run / f"results/micro/{base}/skip/betas.json").read_text())["betas"]
+        assert cfg["betas"] == betas and set(betas) == {"0", "1"} and all(0 < b <= 1 for b in betas.values())
+        ev = json.loads((run / f"results/micro/{base}/skip/eval/ppl.json").read_text())
+        assert set(ev["skipping"]) == {"0", "1"} and all(0 < v["rate"] < 1 for v in ev["skipping"].values())
+        calls = ev["expert_usage"]["calls_per_token"]
+        rate = sum(v["rate"] for v in ev["skipping"].values()) / 2
+        assert calls == pytest.approx(2 - rate)  # every skipped token costs one expert call less
+    table = (run / "metrics/results.md").read_text()
+    assert "dense + skipping" in table and "Task-specific pruning" in table and "expert calls / token" in table
+    assert (run / "metrics/expert_usage.png").stat().st_size > 1000
+    assert "calls_rel" in (run / "metrics/experts.csv").read_text().splitlines()[0]
