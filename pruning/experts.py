@@ -65,7 +65,8 @@ class BlockLoss:
     (layerwise mode); progressive mode passes the unpruned model's outputs while ``batches`` are the inputs
     that went through the already-pruned earlier layers. Calling it with a list of dropped sets makes one
     pass over the batches (each batch's expert outputs computed once, then every set combined from them),
-    so memory stays at one batch's (E, T_b, H) outputs whatever the calibration size.
+    so memory stays at one batch's (E, T_b, H) outputs whatever the calibration size. ``target_norm`` is
+    sum_b ||Z_b||_F, set by the first call (the scale that makes a loss relative).
     """
 
     def __init__(self, batches, router_weight, gate_up, down, act, route_logits: RouteLogits, targets=None):
@@ -73,9 +74,10 @@ class BlockLoss:
         self.router = router_weight.to(torch.float64)
         self.gate_up, self.down = gate_up.to(torch.float64), down.to(torch.float64)
         self.evaluated = 0
+        self.target_norm = None
 
     def __call__(self, dropped_sets: Sequence[Sequence[int]]) -> list[float]:
-        totals = [0.0] * len(dropped_sets)
+        totals, norm = [0.0] * len(dropped_sets), 0.0
         for b, x in enumerate(self.batches):
             x = x.to(device=self.router.device, dtype=torch.float64)
             logits = torch.nn.functional.linear(x, self.router)
@@ -84,10 +86,12 @@ class BlockLoss:
                 z = block_output(outputs, combine_weights(self.route_logits, logits))
             else:
                 z = self.targets[b].to(device=x.device, dtype=torch.float64)
+            norm += torch.linalg.matrix_norm(z, ord="fro").item()
             for i, d in enumerate(dropped_sets):
                 y = block_output(outputs, combine_weights(self.route_logits, logits, d))
                 totals[i] += torch.linalg.matrix_norm(z - y, ord="fro").item()
         self.evaluated += len(dropped_sets)
+        self.target_norm = norm
         return totals
 
 

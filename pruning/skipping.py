@@ -20,33 +20,33 @@ BETAS_KEY = "betas"
 
 
 def skip_second(index: torch.Tensor, weights: torch.Tensor, beta: float, num_experts: int):
-    """Apply the skipping rule to top-2 routing (index, weights: (T, 2)).
+    """Apply the skipping rule to top-2 routing (index, weights: (T, 2)), in either slot order.
 
     Returns (index, weights, skipped (T,) bool): skipped tokens keep their larger-weight expert with weight 1
     and get the sentinel ``num_experts`` with weight 0 in the other slot.
     """
-    first = weights.argmax(dim=-1, keepdim=True)  # slot of the larger weight (slot 0 when tied)
-    w1 = weights.gather(1, first)[:, 0]
-    w2 = weights.gather(1, 1 - first)[:, 0]
-    skipped = w2 < beta * w1
-    slot = torch.arange(2, device=index.device)[None, :]
-    drop = skipped[:, None] & (slot != first)
-    keep = skipped[:, None] & (slot == first)
-    index = torch.where(drop, torch.full_like(index, num_experts), index)
-    weights = torch.where(drop, torch.zeros_like(weights), torch.where(keep, torch.ones_like(weights), weights))
-    return index, weights, skipped
+    second = weights.argmin(dim=-1, keepdim=True)  # slot of the smaller weight
+    skipped = weights.gather(1, second) < beta * weights.amax(dim=-1, keepdim=True)
+    drop = skipped & (torch.arange(2, device=index.device) == second)
+    weights = torch.where(skipped, (~drop).to(weights.dtype), weights)
+    return index.masked_fill(drop, num_experts), weights, skipped[:, 0]
 
 
 class _SkippingRouter:
-    """Mixed in before a router class whose forward returns (logits, top_k_weights, top_k_index)."""
+    """Mixed in before a router class whose forward returns (logits, top_k_weights, top_k_index).
+
+    Counts skipped tokens on the device (no host sync per call) and routed tokens as a Python int."""
 
     skip_beta: float = 0.0
+    skip_skipped = None
+    skip_tokens: int = 0
 
     def forward(self, hidden_states):
         logits, weights, index = super().forward(hidden_states)
         index, weights, skipped = skip_second(index, weights, self.skip_beta, self.num_experts)
-        counts = torch.stack([skipped.sum(), torch.tensor(skipped.numel(), device=skipped.device)])
-        self.skip_counts = counts if getattr(self, "skip_counts", None) is None else self.skip_counts + counts
+        n = skipped.sum()
+        self.skip_skipped = n if self.skip_skipped is None else self.skip_skipped + n
+        self.skip_tokens += skipped.numel()
         return logits, weights, index
 
 
@@ -77,7 +77,7 @@ def enable_dynamic_skipping(model, betas: dict | None = None) -> dict[int, float
         router = adapter.router(layers[int(key)])
         router.__class__ = _skipping_class(type(router))
         router.skip_beta = float(beta)
-        router.skip_counts = None
+        router.skip_skipped, router.skip_tokens = None, 0
         out[int(key)] = float(beta)
     setattr(model.config, BETAS_KEY, {str(k): v for k, v in out.items()})
     return out
@@ -91,15 +91,19 @@ def skip_rates(model) -> dict[int, dict]:
     out = {}
     for i in adapter.moe_layer_indices():
         router = adapter.router(adapter.decoder_layers(model)[i])
-        if isinstance(router, _SkippingRouter) and router.skip_counts is not None:
-            skipped, total = (int(v) for v in router.skip_counts.tolist())
-            out[i] = {"tokens": total, "skipped": skipped, "rate": skipped / max(total, 1), "beta": router.skip_beta}
+        if isinstance(router, _SkippingRouter) and router.skip_tokens:
+            skipped, total = int(router.skip_skipped), router.skip_tokens
+            out[i] = {"tokens": total, "skipped": skipped, "rate": skipped / total, "beta": router.skip_beta}
     return out
 
 
-def betas_from_ratios(ratios: dict[int, torch.Tensor]) -> dict[str, float]:
-    """beta_l = median over calibration tokens of w_(2) / w_(1) (the two largest top-2 weights of each token)."""
-    return {str(i): float(torch.quantile(r.double(), 0.5)) for i, r in sorted(ratios.items())}
+def beta_from_stats(stats: dict) -> float:
+    """beta_l = median over calibration tokens of w_(2) / w_(1), the smaller over the larger top-2 weight, read
+    from a layer's calibration statistics (``pruning.stats.LayerStats``: quantiles of that ratio)."""
+    levels = stats["router.ratio_levels"].tolist()
+    if 0.5 not in levels:
+        raise ValueError(f"calibration statistics hold ratio quantiles at {levels}, not the median")
+    return float(stats["router.ratio_quantiles"][levels.index(0.5)])
 
 
 def register() -> None:

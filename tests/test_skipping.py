@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pruning.adapters import get_adapter
-from pruning.skipping import BETAS_KEY, betas_from_ratios, enable_dynamic_skipping, register, skip_rates, skip_second
+from pruning.skipping import BETAS_KEY, beta_from_stats, enable_dynamic_skipping, register, skip_rates, skip_second
 from pruning.usage import count_expert_calls
 
 from conftest import make_tiny_mixtral
@@ -79,9 +79,19 @@ def test_beta_zero_never_skips_and_changes_nothing():
     torch.testing.assert_close(out, dense, rtol=0, atol=0)
 
 
-def test_betas_are_median_ratios():
-    r = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7])
-    assert betas_from_ratios({0: r, 2: torch.tensor([0.2, 0.4])}) == {"0": pytest.approx(0.5), "2": pytest.approx(0.3)}
+def test_beta_is_the_median_ratio_of_the_calibration_tokens():
+    from pruning.stats import LayerStats
+
+    g = torch.Generator().manual_seed(3)
+    st = LayerStats(4, 8, 8)
+    ratios = []
+    for n in (7, 10):  # two experts-module calls, 17 tokens, weights in either slot order
+        w = torch.rand(n, 2, generator=g)
+        w = w / w.sum(-1, keepdim=True)
+        st.add_routing(torch.randint(0, 4, (n, 2), generator=g), w)
+        ratios += [min(a, b) / max(a, b) for a, b in w.tolist()]
+    ratios.sort()
+    assert beta_from_stats(st.finalize()) == pytest.approx(ratios[8], rel=1e-6)  # the middle of 17 values
 
 
 def test_saved_checkpoint_skips_after_register(tmp_path):

@@ -20,7 +20,7 @@ rule expert_search:
         seqlen=lambda w: CALIB_SETS[w.cid]["seqlen"],
         batch_size=lambda w: CALIB_SETS[w.cid]["batch_size"],
         seed=config["seed"],
-        experts=config["experts"],
+        search={k: config["experts"][k] for k in ("max_subsets", "beam_width")},  # not the method/keep lists
     threads: 1
     resources:
         gpu=1,
@@ -60,7 +60,7 @@ rule expert_search_progressive:
         model=config["model"],
         seqlen=lambda w: CALIB_SETS[w.cid]["seqlen"],
         batch_size=lambda w: CALIB_SETS[w.cid]["batch_size"],
-        experts=config["experts"],
+        search={k: config["experts"][k] for k in ("max_subsets", "beam_width")},  # not the method/keep lists
     threads: workflow.cores
     resources:
         gpu=1,

@@ -1,5 +1,4 @@
 """Expert search for one layer and kept count: NAEE's loss of every dropped set, and the baselines' choices."""
-import torch
 from safetensors.torch import load_file
 
 from pruning.adapters import get_adapter
@@ -7,7 +6,7 @@ from pruning.atomic import write_json
 from pruning.checkpoint import load_config, read_expert_weights, read_router_weight
 from pruning.env import environment, seed_everything
 from pruning.experts import (
-    BlockLoss, add_scores, block_targets, method_scores, random_experts, routed_scores, search, top_experts,
+    BlockLoss, add_scores, method_scores, random_experts, routed_scores, search, top_experts,
 )
 from pruning.gpu_pool import claim_device
 from pruning.joblog import to_log
@@ -25,9 +24,8 @@ with claim_device(".gpu_pool") as device:
     act = adapter.activation()
     per = p.seqlen * p.batch_size  # one calibration batch of sequences, as in NAEE
     batches = [x[i : i + per] for i in range(0, x.shape[0], per)]
-    targets = block_targets(batches, router, gate_up, down, act, adapter.route_logits)
-    loss = BlockLoss(batches, router, gate_up, down, act, adapter.route_logits, targets=targets)
-    res = search(loss, E, keep, p.experts["max_subsets"], p.experts["beam_width"])
+    loss = BlockLoss(batches, router, gate_up, down, act, adapter.route_logits)  # targets: the unpruned block
+    res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"])
     sums = None
     for b in batches:  # the model's own routing (its dtype) and combine weights
         idx, wts = adapter.route(router.to(b.dtype), b)
@@ -39,7 +37,7 @@ with claim_device(".gpu_pool") as device:
     dropped = {m: tuple(e for e in range(E) if e not in k) for m, k in chosen.items()}
     missing = sorted({d for d in dropped.values() if d not in known})
     known.update(zip(missing, loss(missing)))
-    target_norm = sum(torch.linalg.matrix_norm(z, ord="fro").item() for z in targets)
+    target_norm = loss.target_norm
     env = environment(device)
 write_json(snakemake.output[0], {
     "layer": layer, "keep": keep, "num_experts": E, "top_k": adapter.top_k, "calib_id": w.cid, "mode": "layerwise",

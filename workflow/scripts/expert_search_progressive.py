@@ -37,8 +37,8 @@ with claim_device(".gpu_pool") as device:
         targets = block_targets(split(dense), router, ex.gate_up_proj, ex.down_proj, ex.act_fn, adapter.route_logits)
         loss = BlockLoss(split(x), router, ex.gate_up_proj, ex.down_proj, ex.act_fn, adapter.route_logits, targets=targets)
         with torch.no_grad():
-            res = search(loss, E, keep, p.experts["max_subsets"], p.experts["beam_width"])
-        target_norm = sum(torch.linalg.matrix_norm(z, ord="fro").item() for z in targets)
+            res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"])
+        target_norm = loss.target_norm
         adapter.drop_experts(layer, res["kept"])
         out = run_layer(layer, hidden, ctx, bs)
     env = environment(device)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from pruning.atomic import atomic_dir, write_json
 from pruning.joblog import to_log
-from pruning.skipping import BETAS_KEY
+from pruning.skipping import BETAS_KEY, beta_from_stats
 
 log = to_log(snakemake.log[0])
 p, out = snakemake.params, snakemake.output
@@ -17,8 +17,7 @@ for f in snakemake.input.stats:
     i = int(re.search(r"layer_(\d+)\.stats", f).group(1))
     st = load_file(f)
     levels, q = st["router.ratio_levels"].tolist(), st["router.ratio_quantiles"].tolist()
-    median = q[min(range(len(levels)), key=lambda j: abs(levels[j] - 0.5))]
-    layers[str(i)] = {"beta": median, "ratio_quantiles": dict(zip((f"{v:g}" for v in levels), q)),
+    layers[str(i)] = {"beta": beta_from_stats(st), "ratio_quantiles": dict(zip((f"{v:g}" for v in levels), q)),
                       "routed_selections": int(st["count"].sum())}
 betas = {k: v["beta"] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))}
 src = Path(p.model_dir)
