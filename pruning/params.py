@@ -68,22 +68,39 @@ def check_semantics(config: dict) -> None:
             Pattern.parse(s)
         except ValueError as exc:
             raise ParamsError(f"prune.sparsities[{i}]: {exc}") from None
+    check_distill(config)
+    # every (key, pattern, methods) a mask is computed for: the prune sweep and the distilled variants
+    distill = config.get("distill") or {}
+    swept = [(f"prune.sparsities[{i}]", Pattern.parse(s), config["prune"]["methods"]) for i, s in enumerate(config["prune"]["sparsities"])]
+    swept += [(f"distill.sparsities[{i}]", Pattern.parse(s), distill.get("methods", [])) for i, s in enumerate(distill.get("sparsities", []))]
     blocksize = config["prune"].get("sparsegpt", {}).get("blocksize", 128)
-    if any(m.startswith("sparsegpt") for m in config["prune"]["methods"]):
-        for i, s in enumerate(config["prune"]["sparsities"]):
-            p = Pattern.parse(s)
-            if p.is_nm and blocksize % p.m:
-                raise ParamsError(f"prune.sparsities[{i}]: M={p.m} must divide prune.sparsegpt.blocksize ({blocksize})")
+    for key, p, methods in swept:
+        if p.is_nm and blocksize % p.m and any(m.startswith("sparsegpt") for m in methods):
+            raise ParamsError(f"{key}: M={p.m} must divide prune.sparsegpt.blocksize ({blocksize})")
     if config["model"]["name_or_path"] == "builtin":
         arch = config["tiny"]["arch"]
         if arch["top_k"] > arch["num_experts"]:
             raise ParamsError("tiny.arch.top_k: must not exceed tiny.arch.num_experts")
         if arch["num_heads"] % arch["num_kv_heads"] or arch["hidden_size"] % arch["num_heads"]:
             raise ParamsError("tiny.arch: hidden_size must divide by num_heads, num_heads by num_kv_heads")
-        for i, s in enumerate(config["prune"]["sparsities"]):
-            p = Pattern.parse(s)
+        for key, p, _ in swept:
             if p.is_nm and (arch["hidden_size"] % p.m or arch["intermediate_size"] % p.m):
-                raise ParamsError(f"prune.sparsities[{i}]: M={p.m} must divide hidden_size and intermediate_size")
+                raise ParamsError(f"{key}: M={p.m} must divide hidden_size and intermediate_size")
+
+
+def check_distill(config: dict) -> None:
+    d = config.get("distill") or {}
+    for i, s in enumerate(d.get("sparsities", [])):
+        try:
+            Pattern.parse(s)
+        except ValueError as exc:
+            raise ParamsError(f"distill.sparsities[{i}]: {exc}") from None
+    if d.get("methods") and not d.get("sparsities"):
+        raise ParamsError("distill.sparsities: required (non-empty) when distill.methods is set")
+    per_step = d.get("batch_size", 8) * d.get("grad_accum", 1)
+    if d.get("methods") and d.get("samples", 1000) < per_step:
+        raise ParamsError(f"distill.samples: {d.get('samples')} is fewer than one optimiser step "
+                          f"(batch_size x grad_accum = {per_step})")
 
 
 def check_model(config: dict) -> dict:
@@ -145,7 +162,7 @@ def check_experts(config: dict, model_config: dict | None) -> None:
     if task.get("source") and not task["source"].startswith("builtin:") and not task.get("eval"):
         raise ParamsError("experts.task.eval: required when experts.task.source is not builtin:<package> "
                           "(the domain perplexity must not be measured on the calibration text)")
-    for key in ("prune.bases", "skipping.bases"):
+    for key in ("prune.bases", "skipping.bases", "distill.bases"):
         section, name = key.split(".")
         for i, b in enumerate(config.get(section, {}).get(name, [])):
             try:

@@ -264,3 +264,106 @@ def usage_plot(panels: list[tuple[str, dict]], num_experts: int, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+# -- expert-wise knowledge distillation ---------------------------------------------------------------------
+
+TUNE_LABELS = {"kd": "expert-wise KD", "ce": "CE-only control"}
+
+
+def run_name(v: dict, tune: str) -> str:
+    """File-name id of one distillation run: 'full_dense_moe_pruner_0.5_kd'."""
+    return f"{v['base']}_{v['prop']}_{v['method']}_{v['sp']}_{tune}"
+
+
+def gap_recovered(dense: float, pruned: float, tuned: float) -> float | None:
+    """Fraction of the dense-to-pruned perplexity gap that tuning closed (1 = back to dense; > 1 = below dense)."""
+    return (pruned - tuned) / (pruned - dense) if pruned != dense else None
+
+
+def distill_rows(variants: list[dict], tunes: list[str], dense_ppl: float, pruned_files, tuned_files, info_files) -> list[dict]:
+    """One row per distilled variant: pruned perplexity, then each tuning's perplexity, recovered gap and λ.
+    ``tuned_files`` / ``info_files`` are flat, variant-major then tune."""
+    out = []
+    for i, v in enumerate(variants):
+        pruned = json.load(open(pruned_files[i]))["token_ppl"]
+        row = {**v, "label": LABELS.get(v["method"], v["method"]) + ("" if v["base"] == "full" else f" on {model_label(v['base'])}"),
+               "sparsity_label": _sp_label(v["sp"]), "dense_ppl": dense_ppl, "pruned_ppl": pruned}
+        for j, t in enumerate(tunes):
+            k = i * len(tunes) + j
+            ppl, info = json.load(open(tuned_files[k]))["token_ppl"], json.load(open(info_files[k]))
+            row[t] = {"token_ppl": ppl, "gap_recovered": gap_recovered(dense_ppl, pruned, ppl), "lambda": info["lambda"],
+                      "steps": info["steps"], "tokens": info["tokens_per_epoch"] * info["epochs"], "seconds": info["seconds"]}
+        out.append(row)
+    return out
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:.0%}"
+
+
+def distill_markdown(rows: list[dict], tunes: list[str], dense_ppl: float, cfg: dict) -> str:
+    if not rows:
+        return ""
+    first = rows[0][tunes[0]]
+    lines = [
+        f"Expert-wise knowledge distillation from the unpruned model, masks fixed: token perplexity before and after "
+        f"(same evaluation as above; dense model **{dense_ppl:.2f}**). Training on the `{cfg['source']}` train split, "
+        f"{cfg['samples']} windows of {cfg['seqlen']} tokens x {cfg['epochs']} epochs = {first['steps']} steps "
+        f"({first['tokens']:,} tokens), lr {cfg['lr']:g} cosine, expert MSE on the `{cfg['expert_tokens']}` tokens with "
+        f"the {cfg['expert_inputs']}'s hidden states. Gap recovered = (pruned − tuned) / (pruned − dense).",
+        "",
+    ]
+    head = "| method | sparsity | pruned |"
+    rule = "|---|---|---:|"
+    for t in tunes:
+        head += f" {TUNE_LABELS[t]} | gap recovered |"
+        rule += "---:|---:|"
+    lines += [head + " λ |", rule + "---:|"]
+    for r in rows:
+        cells = f"| {r['label']} | {r['sparsity_label']} | {r['pruned_ppl']:.2f} |"
+        for t in tunes:
+            cells += f" {r[t]['token_ppl']:.2f} | {_pct(r[t]['gap_recovered'])} |"
+        lines.append(cells + f" {r['kd']['lambda']:.3g} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def read_history(path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def distill_plot(runs: list[dict], path) -> None:
+    """Loss curves of every tuning run (``{"label", "variant", "tune", "history"}``): L_CE per step (left) and the
+    unweighted expert MSE (right); one colour per variant, dashed = CE-only control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        steps = [h["step"] for h in r["history"]]
+        window = max(1, len(steps) // 8)  # batches differ in difficulty: the trailing mean shows the trend
+        kw = dict(ls="--" if r["tune"] == "ce" else "-", color=f"C{r['variant']}")
+        for ax, key in zip(axes, ("ce_loss", "expert_loss")):
+            ys = [h[key] for h in r["history"]]
+            ax.plot(steps, ys, lw=0.5, alpha=0.3, **kw)
+            smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(steps, smooth, lw=1.5, label=r["label"], **kw)
+    axes[0].set_title("L_CE (student next-token loss per step; bold: trailing mean)", fontsize=9)
+    axes[1].set_title("L_expert (sum over layers and experts of the MSE)", fontsize=9)
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

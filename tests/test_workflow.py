@@ -114,7 +114,7 @@ def test_evaluation_param_change_reruns_only_evaluation(run):
     changed = yaml.safe_load(yaml.safe_dump(MICRO))
     changed["eval"]["max_windows"] = 8
     jobs = planned_jobs(run, changed)
-    assert set(jobs) == {"evaluate_ppl", "evaluate_model", "report", "all"}, jobs
+    assert set(jobs) == {"evaluate_ppl", "evaluate_model", "evaluate_distilled", "report", "all"}, jobs
 
 
 def test_method_or_sparsity_change_never_recalibrates(run):
@@ -122,7 +122,7 @@ def test_method_or_sparsity_change_never_recalibrates(run):
     changed["prune"]["sparsities"] = ["2:4", 0.6]
     changed["prune"]["propagation"] = ["dense"]
     jobs = planned_jobs(run, changed)
-    assert not {"calibrate", "train_tiny", "expert_search", "apply_experts", "skip_calibrate"} & set(jobs), jobs
+    assert not {"calibrate", "train_tiny", "expert_search", "apply_experts", "skip_calibrate", "distill"} & set(jobs), jobs
     n = len(MICRO["prune"]["methods"]) * len(MICRO["prune"]["bases"])
     assert jobs.get("mask", 0) + jobs.get("mask_sparsegpt", 0) == n * 2  # only the new sparsity, per layer and base
     assert jobs["apply"] == n
@@ -178,3 +178,46 @@ def test_skipping_outputs(run):
     assert "dense + skipping" in table and "Task-specific pruning" in table and "expert calls / token" in table
     assert (run / "metrics/expert_usage.png").stat().st_size > 1000
     assert "calls_rel" in (run / "metrics/experts.csv").read_text().splitlines()[0]
+
+
+def test_distillation_outputs(run):
+    from pruning.adapters import get_adapter
+    from pruning.apply import check_nm
+    from pruning.checkpoint import load_config, read_expert_weights
+
+    metrics = json.loads((run / "metrics/ppl.json").read_text())
+    for base in ("full", "naee-k3"):
+        v = run / f"results/micro/{base}/builtin-n8-l32-s0/dense/moe_pruner/2of4"
+        for tune in ("kd", "ce"):
+            info = json.loads((v / f"{tune}/distill.json").read_text())
+            assert info["steps"] == 8 and info["split"] == "train" and info["samples"] == 16
+            assert (info["lambda"] > 0) if tune == "kd" else (info["lambda"] == 0.0)
+            assert info["expert_sparsity"] == info["expert_sparsity_before"] == 0.5
+            assert not (v / f"{tune}.resume").exists()  # resumable states removed once the run completed
+            history = (v / f"{tune}/history.csv").read_text().splitlines()
+            assert history[0].startswith("step,epoch,lr,loss,ce_loss,expert_loss") and len(history) == 9
+            adapter = get_adapter(load_config(v / f"{tune}/checkpoint"))
+            for layer in (0, 1):  # the masks held through training: still exactly 2:4, pruned positions zero
+                masks, _ = load_masks(v / f"masks/layer_{layer}.safetensors")
+                after = dict(zip(("gate_up_proj", "down_proj"), read_expert_weights(v / f"{tune}/checkpoint", adapter, layer)))
+                before = dict(zip(("gate_up_proj", "down_proj"), read_expert_weights(v / "checkpoint", adapter, layer)))
+                for name, m in masks.items():
+                    assert after[name].shape[0] == (4 if base == "full" else 3)
+                    check_nm(after[name], m, 2, 4)
+                    assert not torch.equal(after[name], before[name])  # the kept weights trained
+            ev = json.loads((v / f"{tune}/eval/ppl.json").read_text())
+            key = metrics["distilled"][base]["dense"]["moe_pruner"]["2of4"]
+            assert key[f"{tune}_ppl"] == ev["token_ppl"]
+    table = (run / "metrics/results.md").read_text()
+    assert "Expert-wise knowledge distillation" in table and "CE-only control" in table and "gap recovered" in table
+    curves = sorted(p.name for p in (run / "metrics/distill").iterdir())
+    assert curves == sorted(f"{b}_dense_moe_pruner_2of4_{t}.csv" for b in ("full", "naee-k3") for t in ("kd", "ce"))
+    assert (run / "metrics/distill_loss.png").stat().st_size > 1000
+
+
+def test_distill_setting_change_reruns_only_distillation(run):
+    changed = yaml.safe_load(yaml.safe_dump(MICRO))
+    changed["distill"]["lr"] = 2.0e-3
+    jobs = planned_jobs(run, changed)
+    assert set(jobs) == {"distill", "evaluate_distilled", "report", "all"}, jobs
+    assert jobs["distill"] == 4

@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from pruning.experts import EXPERT_METHODS
+from pruning.report import run_name
 from pruning.prune import METHODS as ALL_METHODS, SCORE_METHODS, SPARSEGPT_METHODS, updates_weights
 from pruning.params import (
     ParamsError,
@@ -62,6 +63,9 @@ SPARSITIES = [sparsity_token(s) for s in config["prune"]["sparsities"]]
 PROPAGATIONS = config["prune"]["propagation"]
 BASES = config["prune"]["bases"]  # models weight pruning runs on: full, or expert-pruned models
 README_BLOCK = config["report"].get("readme_block", "results")
+# What the distill rule's result depends on (not which variants are distilled: adding one reruns nothing).
+DISTILL_TRAINING = {k: v for k, v in config["distill"].items() if k not in ("methods", "sparsities", "bases", "propagation", "ce_control")}
+TUNES = ["kd", "ce"] if config["distill"]["ce_control"] else ["kd"]  # ce: the CE-only fine-tuning control
 # A base model is "full" (the checkpoint) or an expert-pruned one, "<expert method>-k<keep>[-task]".
 VARIANT = f"{ROOT}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}"  # one weight-pruned variant of a base model
 SEARCH = f"{ROOT}/search/{{cid}}/k{{keep}}"  # expert search results per calibration set and kept count
@@ -78,6 +82,7 @@ wildcard_constraints:
     keep=r"\d+",
     mdl=rf"(?:{BASE_RE})(?:/skip)?",
     ds="ppl|task_ppl",
+    tune="kd|ce",
 
 
 def model_inputs():
@@ -132,6 +137,13 @@ def corpus_inputs():
 
 def variants():
     return [dict(base=b, prop=p, method=m, sp=s) for b in BASES for p in PROPAGATIONS for m in METHODS for s in SPARSITIES]
+
+
+def distilled_variants():
+    """Weight-pruned variants the run distills (and evaluates before and after)."""
+    d = config["distill"]
+    sps = [sparsity_token(s) for s in d["sparsities"]]
+    return [dict(base=b, prop=p, method=m, sp=s) for b in d["bases"] for p in d["propagation"] for m in d["methods"] for s in sps]
 
 
 def final_outputs():

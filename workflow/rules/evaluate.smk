@@ -82,6 +82,10 @@ rule report:
         block_error=[f"{VARIANT}/eval/block_error.json".format(**v) for v in variants()],
         calib_stats=expand(f"{calib_dir('full')}/dense/layer_{{layer}}.stats.safetensors", layer=LAYERS),
         base_report=[f"{ROOT}/base_report.json"] if BUILTIN else [],
+        distill_pruned=[f"{VARIANT}/eval/ppl.json".format(**v) for v in distilled_variants()],
+        distill_eval=[f"{VARIANT}/{t}/eval/ppl.json".format(**v) for v in distilled_variants() for t in TUNES],
+        distill_info=[f"{VARIANT}/{t}/distill.json".format(**v) for v in distilled_variants() for t in TUNES],
+        distill_history=[f"{VARIANT}/{t}/history.csv".format(**v) for v in distilled_variants() for t in TUNES],
         code=pkg("report", "diagnose"),
     output:
         json="metrics/ppl.json",
@@ -90,6 +94,8 @@ rule report:
         plot="metrics/ppl_vs_sparsity.png",
         experts_csv="metrics/experts.csv",
         usage_plot="metrics/expert_usage.png",
+        distill_curves=[f"metrics/distill/{run_name(v, t)}.csv" for v in distilled_variants() for t in TUNES],
+        distill_plot="metrics/distill_loss.png",
     log:
         f"{LOGS}/report.log",
     params:
@@ -97,6 +103,9 @@ rule report:
         models=evaluated_models(),
         expert_bases=expert_bases(),
         skip_bases=config["skipping"]["bases"],
+        distilled=distilled_variants(),
+        tunes=TUNES,
+        distill=config["distill"],
         task=TASK,
         model=config["model"]["name"],
         calib_id=CID,
@@ -111,14 +120,17 @@ rule readme:
         table="metrics/results.md",
         plot="metrics/ppl_vs_sparsity.png",
         usage_plot="metrics/expert_usage.png",
+        distill_plot="metrics/distill_loss.png",
     output:
         stamp=touch(f"{ROOT}/readme.{README_BLOCK}.stamp"),
         plot=f"docs/{README_BLOCK}.png",
         usage_plot=f"docs/{README_BLOCK}_expert_usage.png",
+        distill_plot=f"docs/{README_BLOCK}_distill_loss.png",
     log:
         f"{LOGS}/readme.log",
     params:
         readme="README.md",
         block=README_BLOCK,
+        distilled=bool(distilled_variants()),
     script:
         "../scripts/update_readme.py"

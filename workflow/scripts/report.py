@@ -1,9 +1,11 @@
 import csv
 import io
 import json
+import shutil
+from pathlib import Path
 
 from pruning import report
-from pruning.atomic import write_json, write_text
+from pruning.atomic import atomic_path, write_json, write_text
 from pruning.joblog import to_log
 
 log = to_log(snakemake.log[0])
@@ -40,6 +42,8 @@ erows = report.expert_rows(p.models, inp.models, reductions, searches)
 trows = report.task_rows(p.models, inp.models)
 table = report.markdown(rows, dense["token_ppl"], header, outliers) if rows else header + "\n"
 table += "\n" + report.experts_markdown(erows, trows, p.eval)
+drows = report.distill_rows(p.distilled, p.tunes, dense["token_ppl"], inp.distill_pruned, inp.distill_eval, inp.distill_info)
+table += "\n" + report.distill_markdown(drows, p.tunes, dense["token_ppl"], p.distill)
 write_text(out.table, table)
 if rows:
     report.plot(rows, dense["token_ppl"], out.plot)
@@ -69,7 +73,24 @@ for r in erows:
             "skip_rate": r["skip_rate"]}
 for r in trows:
     metrics.setdefault("task", {})[r["model"]] = {"task_ppl": r["task_ppl"]}
+for r in drows:  # distilled.<base>.<prop>.<method>.<sparsity>.{pruned_ppl, kd_ppl, kd_gap_recovered, ...}
+    m = {"pruned_ppl": r["pruned_ppl"]}
+    for t in p.tunes:
+        m.update({f"{t}_ppl": r[t]["token_ppl"], f"{t}_gap_recovered": r[t]["gap_recovered"]})
+    metrics.setdefault("distilled", {}).setdefault(r["base"], {}).setdefault(r["prop"], {}).setdefault(
+        r["method"], {})[report.metric_key(r["sp"])] = m
 write_json(out.json, metrics)
+runs = []
+for i, v in enumerate(p.distilled):  # DVC plots: one loss-curve CSV per tuning run in metrics/distill/
+    for j, t in enumerate(p.tunes):
+        k = i * len(p.tunes) + j
+        with atomic_path(out.distill_curves[k]) as tmp:
+            shutil.copyfile(inp.distill_history[k], tmp)
+        runs.append({"label": f"{drows[i]['label']} {drows[i]['sparsity_label']}, {report.TUNE_LABELS[t]}", "variant": i,
+                     "tune": t, "history": report.read_history(inp.distill_history[k])})
+for stale in set(Path("metrics/distill").glob("*.csv")) - {Path(f) for f in out.distill_curves}:
+    stale.unlink()  # curves of runs this configuration no longer has
+report.distill_plot(runs, out.distill_plot)
 ebuf = io.StringIO()
 efields = ["model", "experts", "skipping", "token_ppl", "parameters", "bytes", "calls_per_token", "calls_rel", "skip_rate", "block_loss"]
 ew = csv.DictWriter(ebuf, fieldnames=efields, extrasaction="ignore", lineterminator="\n")

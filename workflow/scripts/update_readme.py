@@ -8,13 +8,16 @@ from pruning.joblog import to_log
 log = to_log(snakemake.log[0])
 block = snakemake.params.block
 BEGIN, END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
-for src, dst in ((snakemake.input.plot, snakemake.output.plot), (snakemake.input.usage_plot, snakemake.output.usage_plot)):
+inp, out = snakemake.input, snakemake.output
+for src, dst in ((inp.plot, out.plot), (inp.usage_plot, out.usage_plot), (inp.distill_plot, out.distill_plot)):
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
 readme = Path(snakemake.params.readme)
 table = Path(snakemake.input.table).read_text().strip()
 body = (f"{table}\n\n![token perplexity vs sparsity]({snakemake.output.plot})\n\n"
         f"![expert usage per layer, before and after expert pruning and skipping]({snakemake.output.usage_plot})")
+if snakemake.params.distilled:
+    body += f"\n\n![distillation loss curves]({snakemake.output.distill_plot})"
 text = readme.read_text() if readme.exists() else ""
 if BEGIN in text and END in text:
     head, rest = text.split(BEGIN, 1)

@@ -1,0 +1,384 @@
+"""Expert-wise knowledge distillation (MoE-Pruner §3.3): the pruned student learns from the unpruned teacher
+with its masks held fixed.
+
+    L = L_CE + λ · Σ_layers Σ_experts MSE(teacher expert output, student expert output)
+
+L_CE is the student's next-token loss. The expert term compares un-gated expert outputs, each expert's MSE a
+mean over its tokens and the hidden dimension. The paper leaves open which tokens and which inputs; here:
+
+- ``expert_tokens``: ``teacher_routed`` (default) = the tokens the teacher routes to that expert; ``all`` = every
+  token through every expert.
+- ``expert_inputs``: ``teacher`` (default) = both experts run on the teacher's hidden states of that layer (the
+  term trains the student's expert weights only); ``student`` = both run on the student's hidden states (the
+  term also reaches the student's earlier layers; the teacher side gets no gradient).
+
+Student expert ``j`` is matched to the teacher expert with its original index (``config.pruned_experts``), so
+expert-pruned students work; the teacher's removed experts have no partner and no term. λ is L_CE / L_expert on
+the first micro-batch unless fixed. All student parameters train; after every optimiser step every pruned
+position is zero again (its gradient is masked too, so AdamW's moments stay zero there).
+
+Resumable: every ``checkpoint_every`` optimiser steps the student's parameters, AdamW's moments, the step
+counter (which fixes the learning rate and the data position: the epoch permutations are seeded), λ, the RNG
+and the loss history are written atomically (safetensors + JSON). A run started again continues from the last
+state and ends with the same weights as an uninterrupted run (bitwise on CPU with deterministic algorithms).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .reduce import original_index
+
+EXPERT_INPUTS = ("teacher", "student")
+EXPERT_TOKENS = ("teacher_routed", "all")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    epochs: int = 3
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lambda_: float | None = None  # None: L_CE / L_expert on the first micro-batch
+    expert_inputs: str = "teacher"
+    expert_tokens: str = "teacher_routed"
+    checkpoint_every: int = 50
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, p: dict, seed: int) -> "KDConfig":
+        keys = {f for f in cls.__dataclass_fields__ if f not in ("lambda_", "seed")}
+        return cls(**{k: p[k] for k in keys if k in p}, lambda_=p.get("lambda"), seed=seed)
+
+    def __post_init__(self):
+        if self.expert_inputs not in EXPERT_INPUTS:
+            raise ValueError(f"expert_inputs {self.expert_inputs!r}: allowed {', '.join(EXPERT_INPUTS)}")
+        if self.expert_tokens not in EXPERT_TOKENS:
+            raise ValueError(f"expert_tokens {self.expert_tokens!r}: allowed {', '.join(EXPERT_TOKENS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: allowed {', '.join(PRECISIONS)}")
+
+
+# -- the loss -----------------------------------------------------------------------------------------
+
+
+class MoECapture:
+    """The inputs each MoE layer's experts module receives in one forward: hidden states (T, H) and the top-k
+    expert index (T, k), as the block passes them (gradients kept)."""
+
+    def __init__(self, adapter, model):
+        self.adapter, self.model = adapter, model
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.index: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.hidden.clear()
+        self.index.clear()
+        stack = contextlib.ExitStack()
+        for i in self.adapter.moe_layer_indices():
+            experts = self.adapter.experts(self.adapter.decoder_layers(self.model)[i])
+
+            def on_call(h, idx, w, i=i):
+                self.hidden[i], self.index[i] = h, idx
+
+            stack.enter_context(self.adapter.observe_experts(experts, on_call=on_call))
+        with stack:
+            yield self
+
+
+def layer_expert_mse(t_adapter, t_experts, s_adapter, s_experts, original: list[int], x_teacher, idx_teacher,
+                     x_student=None, inputs: str = "teacher", tokens: str = "teacher_routed"):
+    """Σ over the student's experts of MSE(teacher expert output, student expert output) in one layer.
+
+    ``original[j]`` is the teacher index of student expert j. ``x_*`` are the layer's MoE-block inputs (T, H),
+    ``idx_teacher`` the teacher's top-k index (T, k). Experts that receive no token contribute nothing."""
+    x = x_teacher if inputs == "teacher" else x_student
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 or better, also under bf16 autocast
+    total = x.new_zeros((), dtype=acc)
+    for j, o in enumerate(original):
+        if tokens == "teacher_routed":
+            rows = (idx_teacher == o).any(-1).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            xe = x[rows]
+        else:
+            xe = x
+        with torch.no_grad():
+            target = t_adapter.expert_output(t_experts, o, xe.detach())
+        out = s_adapter.expert_output(s_experts, j, xe)
+        total = total + nn.functional.mse_loss(out.to(acc), target.to(acc))
+    return total
+
+
+def expert_loss(t_adapter, teacher, s_adapter, student, t_capture: MoECapture, s_capture: MoECapture,
+                inputs="teacher", tokens="teacher_routed") -> tuple[torch.Tensor, list[float]]:
+    """L_expert summed over layers (and the per-layer values) from one captured teacher and student forward."""
+    t_layers, s_layers = t_adapter.decoder_layers(teacher), s_adapter.decoder_layers(student)
+    total, per_layer = None, []
+    for i in s_adapter.moe_layer_indices():
+        s_exp = s_adapter.experts(s_layers[i])
+        orig = original_index(student.config, i, s_adapter.num_experts)
+        term = layer_expert_mse(t_adapter, t_adapter.experts(t_layers[i]), s_adapter, s_exp, orig,
+                                t_capture.hidden[i], t_capture.index[i], s_capture.hidden.get(i), inputs, tokens)
+        per_layer.append(term.item())
+        total = term if total is None else total + term
+    return total, per_layer
+
+
+# -- fixed masks ----------------------------------------------------------------------------------------
+
+
+def expert_params(adapter, model, layer: int) -> dict[str, nn.Parameter]:
+    experts = adapter.experts(adapter.decoder_layers(model)[layer])
+    return {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
+
+
+class FixedMasks:
+    """The pruned positions of every expert matrix, kept at zero: gradients masked, weights re-zeroed."""
+
+    def __init__(self, adapter, model, masks: dict[int, dict[str, torch.Tensor]]):
+        self.pairs = []
+        for layer, m in sorted(masks.items()):
+            for name, p in expert_params(adapter, model, layer).items():
+                if m[name].shape != p.shape:
+                    raise ValueError(f"layer {layer} {name}: mask {tuple(m[name].shape)} vs weight {tuple(p.shape)}")
+                self.pairs.append((layer, name, p, m[name].to(p.device)))
+
+    def mask_grads(self) -> None:
+        for _, _, p, m in self.pairs:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for _, _, p, m in self.pairs:
+            p.mul_(m)
+
+    def violations(self) -> int:
+        """Pruned positions that are not exactly zero."""
+        return sum(int((p.detach()[~m] != 0).sum()) for _, _, p, m in self.pairs)
+
+
+# -- schedule and data order ----------------------------------------------------------------------------
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int = 0) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_per_epoch(samples: int, cfg: KDConfig) -> int:
+    return samples // (cfg.batch_size * cfg.grad_accum)
+
+
+def micro_batches(step: int, samples: int, cfg: KDConfig) -> tuple[int, list[torch.Tensor]]:
+    """(epoch, sample indices of each micro-batch) of optimiser step ``step``: a seeded permutation per epoch,
+    so the data position is a function of the step alone."""
+    spe = steps_per_epoch(samples, cfg)
+    epoch, within = divmod(step, spe)
+    perm = torch.randperm(samples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    per_step = cfg.batch_size * cfg.grad_accum
+    chunk = perm[within * per_step : (within + 1) * per_step]
+    return epoch, list(chunk.split(cfg.batch_size))
+
+
+# -- resumable state -----------------------------------------------------------------------------------
+
+
+def _param_names(model) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters())  # tied parameters appear once
+
+
+def save_state(state_dir, step: int, student, opt, record: dict) -> Path:
+    """Write ``state_dir/step_<step>`` atomically (a new name, then rename), then remove older states."""
+    from .atomic import atomic_dir, save_safetensors, write_json
+
+    state_dir = Path(state_dir)
+    target = state_dir / f"step_{step:08d}"
+    params = _param_names(student)
+    with atomic_dir(target) as d:
+        meta = {"step": str(step), "fingerprint": record["fingerprint"]}
+        save_safetensors(d / "model.safetensors", {n: p.detach() for n, p in params.items()}, meta)
+        moments = {}
+        for n, p in params.items():
+            st = opt.state.get(p)
+            if st:
+                moments[f"{n}.exp_avg"] = st["exp_avg"]
+                moments[f"{n}.exp_avg_sq"] = st["exp_avg_sq"]
+                moments[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        moments["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            moments["rng.cuda"] = torch.cuda.get_rng_state()
+        save_safetensors(d / "optimizer.safetensors", moments, meta)
+        write_json(d / "state.json", {**record, "step": step})
+    for old in sorted(state_dir.glob("step_*")):
+        if old != target and not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_state(state_dir, fingerprint: str) -> Path | None:
+    """The newest complete state written for the same inputs and settings, or None."""
+    for d in sorted(Path(state_dir).glob("step_*"), reverse=True):
+        f = d / "state.json"
+        if d.is_dir() and f.is_file() and json.loads(f.read_text()).get("fingerprint") == fingerprint:
+            return d
+    return None
+
+
+@torch.no_grad()
+def load_state(d: Path, student, opt) -> dict:
+    from safetensors.torch import load_file
+
+    params = _param_names(student)
+    weights = load_file(str(d / "model.safetensors"))
+    for n, p in params.items():
+        p.copy_(weights[n])
+    moments = load_file(str(d / "optimizer.safetensors"))
+    for n, p in params.items():
+        if f"{n}.exp_avg" in moments:
+            opt.state[p] = {
+                "step": moments[f"{n}.step"].reshape(()).clone(),
+                "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
+                "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device),
+            }
+    torch.set_rng_state(moments["rng.cpu"])
+    if "rng.cuda" in moments and torch.cuda.is_available():
+        torch.cuda.set_rng_state(moments["rng.cuda"])
+    return json.loads((d / "state.json").read_text())
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+def _autocast(device: str, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    if bf16:
+        return torch.autocast(device_type=str(device).split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def distill(student, teacher, s_adapter, t_adapter, masks: dict, data: torch.Tensor, cfg: KDConfig, *,
+            device="cpu", state_dir=None, fingerprint: str = "", progress: bool = True, log=None,
+            on_checkpoint=None) -> dict:
+    """Train ``student`` in place on ``data`` (n, seqlen) token windows; returns the run record (λ, history).
+
+    ``masks[layer]`` = {"gate_up_proj", "down_proj"} bool keep-masks of the student's expert weights. With
+    ``state_dir`` the run writes resumable states there and starts from the newest matching one.
+    ``on_checkpoint(step)`` is called after each state is written (tests use it to stop a run)."""
+    n = data.shape[0]
+    spe = steps_per_epoch(n, cfg)
+    if spe < 1:
+        raise ValueError(f"{n} samples do not fill one step of batch_size x grad_accum = {cfg.batch_size * cfg.grad_accum}")
+    total = spe * cfg.epochs
+    teacher.eval().requires_grad_(False)
+    student.train()
+    fixed = FixedMasks(s_adapter, student, masks)
+    fixed.apply()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    record = {"fingerprint": fingerprint, "lambda": cfg.lambda_, "lambda_source": "fixed" if cfg.lambda_ is not None else None,
+              "history": [], "config": asdict(cfg), "total_steps": total, "steps_per_epoch": spe}
+    start = 0
+    resumed = latest_state(state_dir, fingerprint) if state_dir else None
+    if resumed is not None:
+        record = load_state(resumed, student, opt)
+        start = record["step"]
+        if log:
+            log.info("resumed from %s (step %d of %d)", resumed, start, total)
+    t_cap, s_cap = MoECapture(t_adapter, teacher), MoECapture(s_adapter, student)
+    bar = range(start, total)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, total=total, initial=start, desc="distill", unit="step", mininterval=2)
+    t0 = time.time()
+    for step in bar:
+        lr = cosine_lr(step, total, cfg.lr, cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        epoch, batches = micro_batches(step, n, cfg)
+        opt.zero_grad(set_to_none=True)
+        ce_sum = exp_sum = 0.0
+        for idx in batches:
+            ids = data[idx].to(device)
+            with _autocast(device, cfg.precision):
+                with torch.no_grad(), t_cap():
+                    teacher.base_model(input_ids=ids)
+                with s_cap():
+                    ce = student(input_ids=ids, labels=ids).loss
+                l_exp, _ = expert_loss(t_adapter, teacher, s_adapter, student, t_cap, s_cap,
+                                       cfg.expert_inputs, cfg.expert_tokens)
+            if record["lambda"] is None:  # λ = L_CE / L_expert at the first step: both terms start equal
+                e = l_exp.item()
+                record["lambda"], record["lambda_source"] = (ce.item() / e if e > 0 else 0.0), "initial L_CE / L_expert"
+            loss = (ce + record["lambda"] * l_exp) / len(batches)
+            loss.backward()
+            ce_sum += ce.item() / len(batches)
+            exp_sum += l_exp.item() / len(batches)
+        fixed.mask_grads()
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+        fixed.apply()
+        row = {"step": step + 1, "epoch": epoch, "lr": lr, "ce_loss": ce_sum, "expert_loss": exp_sum,
+               "weighted_expert_loss": record["lambda"] * exp_sum, "loss": ce_sum + record["lambda"] * exp_sum,
+               "grad_norm": grad_norm}
+        record["history"].append(row)
+        if progress:
+            bar.set_postfix(ce=f"{ce_sum:.3f}", expert=f"{exp_sum:.3g}", lam=f"{record['lambda']:.3g}")
+        done = step + 1
+        if state_dir and (done % cfg.checkpoint_every == 0) and done < total:
+            save_state(state_dir, done, student, opt, record)
+            if on_checkpoint:
+                on_checkpoint(done)
+    student.eval()
+    violations = fixed.violations()
+    if violations:
+        raise AssertionError(f"{violations} pruned positions are not zero after distillation")
+    record["seconds_this_run"] = time.time() - t0
+    record["resumed_from_step"] = start
+    return record
+
+
+def load_layer_masks(paths) -> dict[int, dict[str, torch.Tensor]]:
+    """The pipeline's per-layer mask files -> {layer: {"gate_up_proj", "down_proj"}}."""
+    from .masks import load_masks
+
+    out = {}
+    for path in paths:
+        masks, meta = load_masks(path)
+        out[int(meta["layer"])] = {k: masks[k] for k in ("gate_up_proj", "down_proj")}
+    return out
+
+
+def fingerprint(cfg: KDConfig, data: torch.Tensor, files) -> str:
+    """What a resumable state belongs to: the settings, the training tokens and the inputs' bytes (mask and
+    weight files, configs: small files; the pruned checkpoint is base model x masks)."""
+    import hashlib
+
+    from .atomic import sha256_file
+
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update(data.numpy().tobytes())
+    for f in files:
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

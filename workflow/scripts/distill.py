@@ -1,0 +1,81 @@
+"""Expert-wise knowledge distillation of one pruned variant from the unpruned model, masks fixed; resumable."""
+import csv
+import io
+import json
+import shutil
+import time
+
+from transformers import AutoTokenizer
+
+from pruning import distill
+from pruning.adapters import get_adapter
+from pruning.apply import check_nm, sparsity_report
+from pruning.atomic import atomic_dir, write_json, write_text
+from pruning.checkpoint import load_model
+from pruning.env import environment, seed_everything
+from pruning.gpu_pool import claim_device
+from pruning.joblog import to_log, torch_dtype
+from pruning.params import parse_sparsity_token
+from pruning.sources import calibration_tokens
+
+log = to_log(snakemake.log[0])
+p, inp, out, w = snakemake.params, snakemake.input, snakemake.output, snakemake.wildcards
+kd = p.distill
+cfg = distill.KDConfig.from_params(kd, p.seed)
+pattern = parse_sparsity_token(w.sp)
+seed_everything(p.seed, snakemake.threads)
+t0 = time.time()
+with claim_device(".gpu_pool") as device:
+    tok = AutoTokenizer.from_pretrained(inp.checkpoint)
+    data = calibration_tokens(tok, kd["source"], kd["samples"], kd["seqlen"], p.seed, p.corpus_dir)  # train split
+    dtype = torch_dtype(p.model["dtype"])
+    student = load_model(inp.checkpoint, dtype, device, p.model["trust_remote_code"])
+    teacher = load_model(p.teacher_dir, dtype, device, p.model["trust_remote_code"])
+    s_adapter, t_adapter = get_adapter(student.config), get_adapter(teacher.config)
+    masks = distill.load_layer_masks(inp.masks)
+    key = distill.fingerprint(cfg, data, list(inp.masks) + list(inp.get("weights", [])) + [f"{inp.checkpoint}/config.json"])
+    log.info("distilling %s on %d x %d tokens from %s, %s (%d steps)", inp.checkpoint, *data.shape, kd["source"], device,
+             distill.steps_per_epoch(data.shape[0], cfg) * cfg.epochs)
+    record = distill.distill(student, teacher, s_adapter, t_adapter, masks, data, cfg, device=device,
+                             state_dir=p.resume_dir, fingerprint=key, log=log)
+    student = student.to("cpu")
+
+# Masks exactly fixed: every pruned position zero (distill() asserted it), N:M structure intact.
+layers = s_adapter.decoder_layers(student)
+for layer, m in masks.items():
+    ex = s_adapter.experts(layers[layer])
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(ex, name).detach()
+        if bool((param[~m[name]] != 0).any()):
+            raise AssertionError(f"layer {layer} {name}: a pruned weight is not zero")
+        if pattern.is_nm:
+            check_nm(param, m[name], pattern.n, pattern.m)
+report = sparsity_report(s_adapter, student)
+before = json.load(open(inp.sparsity))
+if report["expert_sparsity"] < before["expert_sparsity"]:
+    raise AssertionError(f"expert sparsity fell from {before['expert_sparsity']} to {report['expert_sparsity']}")
+
+info = {
+    "lambda": record["lambda"], "lambda_source": record["lambda_source"], "steps": record["total_steps"],
+    "steps_per_epoch": record["steps_per_epoch"], "epochs": cfg.epochs, "samples": int(data.shape[0]),
+    "seqlen": int(data.shape[1]), "tokens_per_epoch": int(data.numel()), "source": kd["source"], "split": "train",
+    "config": record["config"], "expert_sparsity": report["expert_sparsity"], "expert_sparsity_before": before["expert_sparsity"],
+    "pattern": str(pattern) if pattern.is_nm else "unstructured", "resumed_from_step": record["resumed_from_step"],
+    "final": record["history"][-1], "seconds": time.time() - t0, "environment": environment(device),
+}
+with atomic_dir(out.checkpoint) as d:
+    student.save_pretrained(d)
+    tok.save_pretrained(d)
+    pc = json.load(open(f"{inp.checkpoint}/pruning_config.json"))
+    write_json(f"{d}/pruning_config.json", {**pc, "distillation": {k: info[k] for k in ("lambda", "steps", "samples", "seqlen", "config")}})
+buf = io.StringIO()
+fields = ["step", "epoch", "lr", "loss", "ce_loss", "expert_loss", "weighted_expert_loss", "grad_norm"]
+writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+writer.writeheader()
+writer.writerows(record["history"])
+write_text(out.history, buf.getvalue())
+write_json(out.info, info)
+shutil.rmtree(p.resume_dir, ignore_errors=True)  # finished: the resumable states are no longer needed
+log.info("lambda %.4g; CE %.4f -> %.4f over %d steps; expert MSE %.4g -> %.4g", record["lambda"],
+         record["history"][0]["ce_loss"], record["history"][-1]["ce_loss"], record["total_steps"],
+         record["history"][0]["expert_loss"], record["history"][-1]["expert_loss"])
