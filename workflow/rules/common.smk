@@ -25,6 +25,8 @@ try:
     check_schema(config, SCHEMA)  # one clear line per problem, before anything runs
     check_semantics(config)
     EXTERNAL_MODEL_CONFIG = check_model(config)
+    if isinstance(config.get("experts"), dict) and config["experts"].get("task", {}) is None:
+        config["experts"]["task"] = {}  # `-S experts.task=null`: Snakemake's default-filling validator cannot enter null
     validate(config, str(SCHEMA))  # fills schema defaults
     check_experts(config, EXTERNAL_MODEL_CONFIG)
 except ParamsError as exc:
