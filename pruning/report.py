@@ -293,7 +293,7 @@ def distill_rows(variants: list[dict], tunes: list[str], dense_ppl: float, prune
             k = i * len(tunes) + j
             ppl, info = json.load(open(tuned_files[k]))["token_ppl"], json.load(open(info_files[k]))
             row[t] = {"token_ppl": ppl, "gap_recovered": gap_recovered(dense_ppl, pruned, ppl), "lambda": info["lambda"],
-                      "steps": info["steps"], "tokens": info["tokens_per_epoch"] * info["epochs"], "seconds": info["seconds"]}
+                      "steps": info["steps"], "tokens": info["tokens_per_epoch"] * info["epochs"]}
         out.append(row)
     return out
 

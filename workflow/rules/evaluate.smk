@@ -132,5 +132,6 @@ rule readme:
         readme="README.md",
         block=README_BLOCK,
         distilled=bool(distilled_variants()),
+        experts=bool(expert_bases() or config["skipping"]["bases"]),
     script:
         "../scripts/update_readme.py"

@@ -60,9 +60,9 @@ info = {
     "steps_per_epoch": record["steps_per_epoch"], "epochs": cfg.epochs, "samples": int(data.shape[0]),
     "seqlen": int(data.shape[1]), "tokens_per_epoch": int(data.numel()), "source": kd["source"], "split": "train",
     "config": record["config"], "expert_sparsity": report["expert_sparsity"], "expert_sparsity_before": before["expert_sparsity"],
-    "pattern": str(pattern) if pattern.is_nm else "unstructured", "resumed_from_step": record["resumed_from_step"],
-    "final": record["history"][-1], "seconds": time.time() - t0, "environment": environment(device),
-}
+    "pattern": str(pattern) if pattern.is_nm else "unstructured", "final": record["history"][-1],
+    "environment": environment(device),
+}  # no wall times or resume points: a resumed run writes the same bytes as an uninterrupted one (they go to the log)
 with atomic_dir(out.checkpoint) as d:
     student.save_pretrained(d)
     tok.save_pretrained(d)
@@ -76,6 +76,8 @@ writer.writerows(record["history"])
 write_text(out.history, buf.getvalue())
 write_json(out.info, info)
 shutil.rmtree(p.resume_dir, ignore_errors=True)  # finished: the resumable states are no longer needed
+log.info("%.0f s in all (%.0f s training in this run, resumed from step %d)", time.time() - t0,
+         record["seconds_this_run"], record["resumed_from_step"])
 log.info("lambda %.4g; CE %.4f -> %.4f over %d steps; expert MSE %.4g -> %.4g", record["lambda"],
          record["history"][0]["ce_loss"], record["history"][-1]["ce_loss"], record["total_steps"],
          record["history"][0]["expert_loss"], record["history"][-1]["expert_loss"])

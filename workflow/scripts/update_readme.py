@@ -14,8 +14,9 @@ for src, dst in ((inp.plot, out.plot), (inp.usage_plot, out.usage_plot), (inp.di
         shutil.copyfile(src, tmp)
 readme = Path(snakemake.params.readme)
 table = Path(snakemake.input.table).read_text().strip()
-body = (f"{table}\n\n![token perplexity vs sparsity]({snakemake.output.plot})\n\n"
-        f"![expert usage per layer, before and after expert pruning and skipping]({snakemake.output.usage_plot})")
+body = f"{table}\n\n![token perplexity vs sparsity]({snakemake.output.plot})"
+if snakemake.params.experts:
+    body += f"\n\n![expert usage per layer, before and after expert pruning and skipping]({snakemake.output.usage_plot})"
 if snakemake.params.distilled:
     body += f"\n\n![distillation loss curves]({snakemake.output.distill_plot})"
 text = readme.read_text() if readme.exists() else ""
