@@ -117,9 +117,9 @@ def layer_expert_mse(t_adapter, t_experts, s_adapter, s_experts, original: list[
             xe = x[rows]
         else:
             xe = x
-        with torch.no_grad():
-            target = t_adapter.expert_output(t_experts, o, xe.detach())
-        out = s_adapter.expert_output(s_experts, j, xe)
+        with torch.no_grad():  # each side in its own weights' dtype (e.g. a bf16 teacher, an fp32 student)
+            target = t_adapter.expert_output(t_experts, o, xe.detach().to(t_experts.gate_up_proj.dtype))
+        out = s_adapter.expert_output(s_experts, j, xe.to(s_experts.gate_up_proj.dtype))
         total = total + nn.functional.mse_loss(out.to(acc), target.to(acc))
     return total
 

@@ -247,3 +247,12 @@ def test_config_rejects_unknown_modes():
     with pytest.raises(ValueError, match="expert_tokens"):
         distill.KDConfig(expert_tokens="student_routed")
     assert math.isclose(distill.KDConfig.from_params({"lr": 1e-4, "lambda": 2.0, "samples": 3}, 5).lambda_, 2.0)
+
+
+def test_bf16_teacher_with_fp32_student():
+    """The pipeline trains fp32 master weights against a teacher in the model's dtype (bf16 for real models)."""
+    teacher, student, masks = _pair(dtype=torch.float32)
+    teacher = teacher.to(torch.bfloat16)
+    record = _run(teacher, student, masks, distill.KDConfig(epochs=1, lr=1e-3, batch_size=4))
+    assert math.isfinite(record["history"][-1]["loss"]) and record["lambda"] > 0
+    assert all(p.dtype == torch.float32 for p in student.parameters())

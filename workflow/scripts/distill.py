@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 
+import torch
 from transformers import AutoTokenizer
 
 from pruning import distill
@@ -29,7 +30,8 @@ with claim_device(".gpu_pool") as device:
     tok = AutoTokenizer.from_pretrained(inp.checkpoint)
     data = calibration_tokens(tok, kd["source"], kd["samples"], kd["seqlen"], p.seed, p.corpus_dir)  # train split
     dtype = torch_dtype(p.model["dtype"])
-    student = load_model(inp.checkpoint, dtype, device, p.model["trust_remote_code"])
+    # fp32 master weights for AdamW (bf16 runs as autocast on top); the teacher stays in the model's dtype
+    student = load_model(inp.checkpoint, torch.float32, device, p.model["trust_remote_code"])
     teacher = load_model(p.teacher_dir, dtype, device, p.model["trust_remote_code"])
     s_adapter, t_adapter = get_adapter(student.config), get_adapter(teacher.config)
     masks = distill.load_layer_masks(inp.masks)
@@ -38,7 +40,7 @@ with claim_device(".gpu_pool") as device:
              distill.steps_per_epoch(data.shape[0], cfg) * cfg.epochs)
     record = distill.distill(student, teacher, s_adapter, t_adapter, masks, data, cfg, device=device,
                              state_dir=p.resume_dir, fingerprint=key, log=log)
-    student = student.to("cpu")
+    student = student.to("cpu", dtype)  # saved in the model's dtype; a zero stays zero when rounded
 
 # Masks exactly fixed: every pruned position zero (distill() asserted it), N:M structure intact.
 layers = s_adapter.decoder_layers(student)
