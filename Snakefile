@@ -17,8 +17,8 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/experts.smk"
-include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/distill.smk"
 
 
 rule all:

@@ -126,17 +126,16 @@ def layer_expert_mse(t_adapter, t_experts, s_adapter, s_experts, original: list[
 
 def expert_loss(t_adapter, teacher, s_adapter, student, t_capture: MoECapture, s_capture: MoECapture,
                 inputs="teacher", tokens="teacher_routed") -> tuple[torch.Tensor, list[float]]:
-    """L_expert summed over layers (and the per-layer values) from one captured teacher and student forward."""
+    """L_expert summed over layers, and the per-layer terms (tensors: no host sync on the training path), from
+    one captured teacher and student forward."""
     t_layers, s_layers = t_adapter.decoder_layers(teacher), s_adapter.decoder_layers(student)
-    total, per_layer = None, []
+    per_layer = []
     for i in s_adapter.moe_layer_indices():
         s_exp = s_adapter.experts(s_layers[i])
         orig = original_index(student.config, i, s_adapter.num_experts)
-        term = layer_expert_mse(t_adapter, t_adapter.experts(t_layers[i]), s_adapter, s_exp, orig,
-                                t_capture.hidden[i], t_capture.index[i], s_capture.hidden.get(i), inputs, tokens)
-        per_layer.append(term.item())
-        total = term if total is None else total + term
-    return total, per_layer
+        per_layer.append(layer_expert_mse(t_adapter, t_adapter.experts(t_layers[i]), s_adapter, s_exp, orig,
+                                          t_capture.hidden[i], t_capture.index[i], s_capture.hidden.get(i), inputs, tokens))
+    return torch.stack(per_layer).sum(), per_layer
 
 
 # -- fixed masks ----------------------------------------------------------------------------------------
@@ -324,8 +323,10 @@ def distill(student, teacher, s_adapter, t_adapter, masks: dict, data: torch.Ten
                     teacher.base_model(input_ids=ids)
                 with s_cap():
                     ce = student(input_ids=ids, labels=ids).loss
-                l_exp, _ = expert_loss(t_adapter, teacher, s_adapter, student, t_cap, s_cap,
-                                       cfg.expert_inputs, cfg.expert_tokens)
+                # with λ fixed at 0 (the CE-only control) the term is only logged: no graph, no backward through it
+                with torch.no_grad() if record["lambda"] == 0 else contextlib.nullcontext():
+                    l_exp, _ = expert_loss(t_adapter, teacher, s_adapter, student, t_cap, s_cap,
+                                           cfg.expert_inputs, cfg.expert_tokens)
             if record["lambda"] is None:  # λ = L_CE / L_expert at the first step: both terms start equal
                 e = l_exp.item()
                 record["lambda"], record["lambda_source"] = (ce.item() / e if e > 0 else 0.0), "initial L_CE / L_expert"

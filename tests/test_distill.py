@@ -101,7 +101,7 @@ def _library_expert_loss(teacher, student, ids, inputs, tokens):
         with sc():
             student(input_ids=ids)
         loss, per_layer = distill.expert_loss(ta, teacher, sa, student, tc, sc, inputs, tokens)
-    return loss.item(), per_layer
+    return loss.item(), [t.item() for t in per_layer]
 
 
 @pytest.mark.parametrize("inputs,tokens", [("teacher", "teacher_routed"), ("student", "teacher_routed"), ("teacher", "all")])

@@ -137,15 +137,18 @@ def corpus_inputs():
     return CORPUS_FILES if NEEDS_CORPUS else []
 
 
+def _sweep(bases, props, methods, sparsities):
+    return [dict(base=b, prop=p, method=m, sp=s) for b in bases for p in props for m in methods for s in sparsities]
+
+
 def variants():
-    return [dict(base=b, prop=p, method=m, sp=s) for b in BASES for p in PROPAGATIONS for m in METHODS for s in SPARSITIES]
+    return _sweep(BASES, PROPAGATIONS, METHODS, SPARSITIES)
 
 
 def distilled_variants():
     """Weight-pruned variants the run distills (and evaluates before and after)."""
     d = config["distill"]
-    sps = [sparsity_token(s) for s in d["sparsities"]]
-    return [dict(base=b, prop=p, method=m, sp=s) for b in d["bases"] for p in d["propagation"] for m in d["methods"] for s in sps]
+    return _sweep(d["bases"], d["propagation"], d["methods"], [sparsity_token(s) for s in d["sparsities"]])
 
 
 def final_outputs():

@@ -38,8 +38,7 @@ rule distill:
         "../scripts/distill.py"
 
 
-rule evaluate_distilled:
-    """Token perplexity of a distilled variant, same settings as every other evaluation."""
+use rule evaluate_ppl as evaluate_distilled with:
     input:
         checkpoint=f"{TUNED}/checkpoint",
         corpus=corpus_inputs(),
@@ -50,12 +49,3 @@ rule evaluate_distilled:
         f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/evaluate_{{tune}}.log",
     benchmark:
         f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/evaluate_{{tune}}.tsv"
-    params:
-        model=config["model"],
-        eval=config["eval"],
-        corpus_dir=CORPUS,
-    threads: 1
-    resources:
-        gpu=1,
-    script:
-        "../scripts/evaluate_ppl.py"
