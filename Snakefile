@@ -12,6 +12,9 @@ yaml_without_base60()  # "2:4" written unquoted by `dvc exp run -S` stays an N:M
 configfile: "params.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibrate.smk"
@@ -19,6 +22,7 @@ include: "workflow/rules/prune.smk"
 include: "workflow/rules/experts.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/distill.smk"
+include: "workflow/rules/lm_eval.smk"
 
 
 rule all:

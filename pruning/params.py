@@ -45,6 +45,10 @@ def _message(err) -> str:
         return f"{err.instance!r} is not allowed; allowed values: {', '.join(map(str, err.validator_value))}"
     if err.validator == "anyOf" and err.absolute_path and "sparsities" in err.absolute_path:
         return f"{err.instance!r} is not a sparsity in (0, 1) nor an 'N:M' pattern"
+    if err.validator == "anyOf" and list(err.absolute_path) == ["lm_eval", "tasks"]:
+        return f"{err.instance!r} is not allowed; allowed: auto, or a list of lm-eval task names ([] = no lm-eval)"
+    if err.validator == "anyOf" and list(err.absolute_path) == ["lm_eval", "num_fewshot"]:
+        return f"{err.instance!r} is not allowed; allowed: a few-shot count >= 0, or {{task: count}}"
     if err.validator in ("exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"):
         return f"{err.instance!r} is out of range ({err.validator} {err.validator_value})"
     if err.validator == "additionalProperties":

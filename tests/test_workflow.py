@@ -219,5 +219,78 @@ def test_distill_setting_change_reruns_only_distillation(run):
     changed = yaml.safe_load(yaml.safe_dump(MICRO))
     changed["distill"]["lr"] = 2.0e-3
     jobs = planned_jobs(run, changed)
-    assert set(jobs) == {"distill", "evaluate_distilled", "report", "all"}, jobs
-    assert jobs["distill"] == 4
+    assert set(jobs) == {"distill", "evaluate_distilled", "evaluate_lm_eval_distilled", "report", "all"}, jobs
+    assert jobs["distill"] == 4 and jobs["evaluate_lm_eval_distilled"] == 4
+
+
+def test_lm_eval_and_summary(run):
+    """Every evaluated model has lm-eval results; metrics/summary.json validates against its schema and holds one
+    row per model, dense first; the CSV, the full table and the plots are written from them."""
+    import csv
+
+    from pruning.summary import validate
+
+    doc = json.loads((run / "metrics/summary.json").read_text())
+    validate(doc, ROOT / "workflow/schemas/summary.schema.yaml")
+    rows = doc["variants"]
+    assert doc["dense"] == "full" and rows["full"]["pattern"] is None and rows["full"]["experts_kept"] == 4
+    whole = ["full", "naee-k3", "naee_progressive-k3", "frequency-k3", "random-k3", "naee-k3-task", "full_skip", "naee-k3_skip"]
+    pruned = [f"{b}_{p}_{m}_2of4" for b in ("full", "naee-k3") for p in ("dense", "sequential") for m in MICRO["prune"]["methods"]]
+    tuned = [f"{b}_dense_moe_pruner_2of4_{t}" for b in ("full", "naee-k3") for t in ("kd", "ce")]
+    assert set(rows) == set(whole + pruned + tuned)
+    for key, r in rows.items():
+        assert 0 <= r["acc"]["code_next_line"] <= 1 and 0 <= r["acc_norm"]["code_next_line"] <= 1
+        assert r["word_perplexity"] > 1 and r["byte_perplexity"] > 1 and r["token_ppl"] > 1
+        assert r["acc_avg"] == r["acc"]["code_next_line"]
+    assert rows["full_dense_moe_pruner_2of4"]["pattern"] == "2:4" and rows["full_dense_moe_pruner_2of4"]["expert_sparsity"] == 0.5
+    assert rows["naee-k3"]["experts_kept"] == 3 and rows["naee-k3"]["parameters"] < rows["full"]["parameters"]
+    assert rows["full_skip"]["skipping"] and rows["full_dense_moe_pruner_2of4_kd"]["distilled"] == "kd"
+    assert doc["lm_eval"]["version"] == "0.4.13"
+    tasks = doc["lm_eval"]["tasks"]
+    assert tasks["code_next_line"] == {"version": 1.0, "num_fewshot": 0, "samples": 20, "kind": "multiple_choice", "chance_acc": 0.25}
+    assert tasks["code_rolling"]["kind"] == "rolling" and tasks["code_rolling"]["samples"] == 3
+    # the dense model's own lm-eval file agrees with the summary
+    dense_lm = json.loads((run / "results/micro/full/eval/lm_eval.json").read_text())
+    assert dense_lm["tasks"]["code_next_line"]["acc"] == rows["full"]["acc"]["code_next_line"]
+    assert "date" not in dense_lm and "samples" not in dense_lm  # no wall-clock fields, no per-prompt dumps
+    with open(run / "metrics/summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["id"] == "full" and sorted(r["id"] for r in table) == sorted(r["id"] for r in rows.values())
+    assert {"method", "pattern", "sparsity", "experts_kept", "skipping", "distilled", "token_ppl", "word_perplexity",
+            "acc_code_next_line", "acc_norm_code_next_line", "acc_avg", "parameters", "bytes"} <= set(table[0])
+    md = (run / "metrics/results.md").read_text()
+    assert "code_next_line acc" in md and "word ppl (lm-eval)" in md and "token ppl" in md and "lm-eval 0.4.13" in md
+    for png in ("acc_vs_sparsity.png", "expert_sparsity.png"):
+        assert (run / "metrics" / png).stat().st_size > 1000
+
+
+def test_local_tasks_rebuild_identically_from_the_test_split(run):
+    """The JSONL files the rule built equal a rebuild from the test split, and every line of them is test-split text."""
+    from pruning import lm_tasks
+
+    test = [json.loads(x)["text"] for x in (run / "data/builtin/test.jsonl").read_text().splitlines() if x.strip()]
+    c = MICRO["lm_eval"]["local"]
+    items = lm_tasks.next_line_items(test, c["next_line_items"], 0, c["context_lines"], 4)
+    built = (run / "data/lm_eval/code_next_line.jsonl").read_text()
+    assert built == "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in items)
+    for it in items:
+        doc = test[it["doc"]]
+        assert it["context"] + "\n" + it["choices"][it["label"]] in doc
+        assert all(any(ch in d.split("\n") for d in test) for ch in it["choices"])
+    rolling = [json.loads(x) for x in (run / "data/lm_eval/code_rolling.jsonl").read_text().splitlines()]
+    assert len(rolling) == 3 and all(r["text"] == test[r["doc"]] for r in rolling)
+
+
+def test_lm_eval_setting_change_reruns_only_lm_eval(run):
+    changed = yaml.safe_load(yaml.safe_dump(MICRO))
+    changed["lm_eval"]["limit"] = 5
+    jobs = planned_jobs(run, changed)
+    assert set(jobs) == {"evaluate_lm_eval", "evaluate_lm_eval_variant", "evaluate_lm_eval_distilled", "report", "all"}, jobs
+
+
+def test_snakemake_html_report(run):
+    smk(run, "--report", "report.html")
+    html = (run / "report.html").read_text(errors="replace")
+    assert (run / "report.html").stat().st_size > 10000
+    for name in ("acc_vs_sparsity.png", "expert_sparsity.png", "ppl_vs_sparsity.png", "summary.csv"):
+        assert name in html, name

@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from pruning.experts import EXPERT_METHODS
+from pruning.harness import LOCAL_TASKS, resolve_tasks
 from pruning.report import run_name
 from pruning.prune import METHODS as ALL_METHODS, SCORE_METHODS, SPARSEGPT_METHODS, updates_weights
 from pruning.params import (
@@ -46,7 +47,13 @@ LOGS = f"{ROOT}/logs"
 BENCH = f"{ROOT}/benchmarks"
 CORPUS = "data/builtin"
 CORPUS_FILES = [f"{CORPUS}/{s}.jsonl" for s in ("train", "validation", "test")] + [f"{CORPUS}/manifest.json"]
-NEEDS_CORPUS = BUILTIN or any(
+# lm-eval: the resolved task list ('auto' -> local tasks for the builtin model, the papers' nine otherwise)
+LM_TASKS = resolve_tasks(config["lm_eval"]["tasks"], config["model"]["name_or_path"] == "builtin")
+LM_EVAL = {k: v for k, v in config["lm_eval"].items() if k != "local"}  # what an evaluation's result depends on
+LM_EVAL.update(tasks=LM_TASKS, max_length=config["lm_eval"]["max_length"] or config["eval"]["seqlen"])
+LM_TASK_DATA = "data/lm_eval"  # the task YAMLs name these files, relative to the working directory
+LM_TASK_DIR = os.path.relpath(Path(workflow.basedir) / "workflow/lm_eval_tasks")
+NEEDS_CORPUS = BUILTIN or any(t in LOCAL_TASKS for t in LM_TASKS) or any(
     s.split(":")[0] == "builtin" for s in [config["calib"]["source"], config["eval"]["dataset"]] + ([TASK["source"], TASK_EVAL] if TASK else [])
 )
 
@@ -135,6 +142,38 @@ def evaluated_models():
 
 def corpus_inputs():
     return CORPUS_FILES if NEEDS_CORPUS else []
+
+
+def lm_task_inputs():
+    """The local tasks' data files and YAMLs the evaluation reads (none for hub tasks)."""
+    local = [t for t in LM_TASKS if t in LOCAL_TASKS]
+    return [f"{LM_TASK_DATA}/{t}.jsonl" for t in local] + [f"{LM_TASK_DIR}/{t}.yaml" for t in local]
+
+
+def summary_entries():
+    """Every model of metrics/summary.json, dense first, by id: whole models ('full', '<base>', '<base>/skip'),
+    weight-pruned variants ('<base>/<prop>/<method>/<sp>') and distilled ones ('.../kd'), with their files."""
+    lm = lambda d: f"{d}/eval/lm_eval.json" if LM_TASKS else None  # noqa: E731
+    out = {}
+    for m, ds in evaluated_models():
+        if ds == "ppl":
+            out[m] = {"kind": "model", "model": m, "ppl": f"{ROOT}/{m}/eval/ppl.json", "lm_eval": lm(f"{ROOT}/{m}")}
+    for v in variants() + distilled_variants():
+        d = VARIANT.format(**v)
+        out[f"{v['base']}/{v['prop']}/{v['method']}/{v['sp']}"] = {
+            "kind": "variant", **v, "ppl": f"{d}/eval/ppl.json", "sparsity": f"{d}/sparsity.json", "lm_eval": lm(d)}
+    for v in distilled_variants():
+        d = VARIANT.format(**v)
+        for t in TUNES:
+            out[f"{v['base']}/{v['prop']}/{v['method']}/{v['sp']}/{t}"] = {
+                "kind": "distilled", **v, "tune": t, "ppl": f"{d}/{t}/eval/ppl.json", "sparsity": f"{d}/sparsity.json",
+                "lm_eval": lm(f"{d}/{t}")}
+    return out
+
+
+def summary_inputs():
+    files = [f for e in summary_entries().values() for k, f in e.items() if k in ("ppl", "sparsity", "lm_eval") and f]
+    return list(dict.fromkeys(files))
 
 
 def _sweep(bases, props, methods, sparsities):

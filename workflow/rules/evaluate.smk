@@ -86,16 +86,25 @@ rule report:
         distill_eval=[f"{VARIANT}/{t}/eval/ppl.json".format(**v) for v in distilled_variants() for t in TUNES],
         distill_info=[f"{VARIANT}/{t}/distill.json".format(**v) for v in distilled_variants() for t in TUNES],
         distill_history=[f"{VARIANT}/{t}/history.csv".format(**v) for v in distilled_variants() for t in TUNES],
-        code=pkg("report", "diagnose"),
+        summary=summary_inputs(),
+        lm_tasks=[f"{LM_TASK_DATA}/manifest.json"] if any(t in LOCAL_TASKS for t in LM_TASKS) else [],
+        schema=os.path.relpath(Path(workflow.basedir) / "workflow/schemas/summary.schema.yaml"),
+        code=pkg("report", "diagnose", "summary"),
     output:
         json="metrics/ppl.json",
         csv="metrics/ppl.csv",
-        table="metrics/results.md",
-        plot="metrics/ppl_vs_sparsity.png",
+        table=report("metrics/results.md", caption="../report/results.rst", category="Results"),
+        plot=report("metrics/ppl_vs_sparsity.png", caption="../report/ppl.rst", category="Results"),
         experts_csv="metrics/experts.csv",
-        usage_plot="metrics/expert_usage.png",
-        distill_curves=[f"metrics/distill/{run_name(v, t)}.csv" for v in distilled_variants() for t in TUNES],
-        distill_plot="metrics/distill_loss.png",
+        usage_plot=report("metrics/expert_usage.png", caption="../report/usage.rst", category="Experts"),
+        # DVC's plots directory must exist (and be in git) even without distillation: a header-only placeholder
+        distill_curves=[f"metrics/distill/{run_name(v, t)}.csv" for v in distilled_variants() for t in TUNES]
+        or ["metrics/distill/no_runs.csv"],
+        distill_plot=report("metrics/distill_loss.png", caption="../report/distill.rst", category="Distillation"),
+        summary_json="metrics/summary.json",
+        summary_csv=report("metrics/summary.csv", caption="../report/summary.rst", category="Results"),
+        acc_plot=report("metrics/acc_vs_sparsity.png", caption="../report/acc.rst", category="Results"),
+        sparsity_plot=report("metrics/expert_sparsity.png", caption="../report/sparsity.rst", category="Experts"),
     log:
         f"{LOGS}/report.log",
     params:
@@ -110,6 +119,7 @@ rule report:
         model=config["model"]["name"],
         calib_id=CID,
         eval=config["eval"],
+        entries=summary_entries(),
     script:
         "../scripts/report.py"
 
@@ -121,11 +131,15 @@ rule readme:
         plot="metrics/ppl_vs_sparsity.png",
         usage_plot="metrics/expert_usage.png",
         distill_plot="metrics/distill_loss.png",
+        acc_plot="metrics/acc_vs_sparsity.png",
+        sparsity_plot="metrics/expert_sparsity.png",
     output:
         stamp=touch(f"{ROOT}/readme.{README_BLOCK}.stamp"),
         plot=f"docs/{README_BLOCK}.png",
         usage_plot=f"docs/{README_BLOCK}_expert_usage.png",
         distill_plot=f"docs/{README_BLOCK}_distill_loss.png",
+        acc_plot=f"docs/{README_BLOCK}_acc.png",
+        sparsity_plot=f"docs/{README_BLOCK}_expert_sparsity.png",
     log:
         f"{LOGS}/readme.log",
     params:
@@ -133,5 +147,6 @@ rule readme:
         block=README_BLOCK,
         distilled=bool(distilled_variants()),
         experts=bool(expert_bases() or config["skipping"]["bases"]),
+        lm_eval=bool(LM_TASKS),
     script:
         "../scripts/update_readme.py"

@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pruning import report
+from pruning import report, summary
 from pruning.atomic import atomic_path, write_json, write_text
 from pruning.joblog import to_log
 
@@ -44,7 +44,6 @@ table = report.markdown(rows, dense["token_ppl"], header, outliers) if rows else
 table += "\n" + report.experts_markdown(erows, trows, p.eval)
 drows = report.distill_rows(p.distilled, p.tunes, dense["token_ppl"], inp.distill_pruned, inp.distill_eval, inp.distill_info)
 table += "\n" + report.distill_markdown(drows, p.tunes, dense["token_ppl"], p.distill)
-write_text(out.table, table)
 if rows:
     report.plot(rows, dense["token_ppl"], out.plot)
 else:
@@ -88,6 +87,8 @@ for i, v in enumerate(p.distilled):  # DVC plots: one loss-curve CSV per tuning 
             shutil.copyfile(inp.distill_history[k], tmp)
         runs.append({"label": f"{drows[i]['label']} {drows[i]['sparsity_label']}, {report.TUNE_LABELS[t]}", "variant": i,
                      "tune": t, "history": report.read_history(inp.distill_history[k])})
+if not runs:
+    write_text(out.distill_curves[0], "step,epoch,lr,loss,ce_loss,expert_loss,weighted_expert_loss,grad_norm\n")
 for stale in set(Path("metrics/distill").glob("*.csv")) - {Path(f) for f in out.distill_curves}:
     stale.unlink()  # curves of runs this configuration no longer has
 report.distill_plot(runs, out.distill_plot)
@@ -97,6 +98,32 @@ ew = csv.DictWriter(ebuf, fieldnames=efields, extrasaction="ignore", linetermina
 ew.writeheader()
 ew.writerows(erows)
 write_text(out.experts_csv, ebuf.getvalue())
+
+# The summary: one row per model, the full table, accuracy and per-expert-sparsity plots.
+srows = summary.rows(p.entries)
+token_ppl = {"metric": "token perplexity, non-overlapping windows (Wanda protocol)", "dataset": p.eval["dataset"],
+             "split": "test", "seqlen": p.eval["seqlen"], "windows": dense["windows"]}
+first_lm = next((e["lm_eval"] for e in p.entries.values() if e.get("lm_eval")), None)
+task_manifest = json.load(open(inp.lm_tasks[0])) if inp.lm_tasks else None
+lm_info = summary.lm_eval_info(json.load(open(first_lm)) if first_lm else None, task_manifest)
+doc = summary.summary(srows, p.model, token_ppl, lm_info)
+summary.validate(doc, inp.schema)
+write_json(out.summary_json, doc)
+write_text(out.summary_csv, summary.to_csv(srows))
+full_table = summary.markdown(srows, token_ppl, lm_info)
+write_text(out.table, table + "\n" + full_table)
+chance = [t["chance_acc"] for t in (lm_info or {}).get("tasks", {}).values() if "chance_acc" in t]
+summary.accuracy_plot(srows, out.acc_plot, sum(chance) / len(chance) if chance else None)
+panels = []
+for eid, e in p.entries.items():
+    if e["kind"] == "variant":
+        kept = None
+        if e["base"] != "full":
+            kept_by_layer = searches[e["base"]]["layers"]
+            kept = [kept_by_layer[k]["kept"] for k in sorted(kept_by_layer, key=int)]
+        label = next(r["label"] for r in srows if r["id"] == eid)
+        panels.append((label, summary.expert_sparsity_matrix(json.load(open(e["sparsity"])), kept, dense["num_experts"])))
+summary.expert_sparsity_plot(panels[:6], out.sparsity_plot)
 
 buf = io.StringIO()
 fields = ["propagation", "method", "sparsity", "target_sparsity", "expert_sparsity", "token_ppl", "block_error"]
