@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# Columns of a run's history.csv (one row per optimiser step).
+HISTORY_FIELDS = ["step", "epoch", "lr", "loss", "ce_loss", "expert_loss", "weighted_expert_loss", "grad_norm"]
+
 from .reduce import original_index
 
 EXPERT_INPUTS = ("teacher", "student")

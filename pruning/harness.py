@@ -7,6 +7,7 @@ are left out so the same model and settings give the same bytes.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # The nine zero-shot tasks of the Wanda / MoE-Pruner tables (lm-eval 0.4 names).
@@ -60,6 +61,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, task_dir=None, num_fewshot=0
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     needs_defaults = any(t not in LOCAL_TASKS for t in tasks)
@@ -82,18 +84,6 @@ def evaluate(model, tokenizer, tasks: list[str], *, task_dir=None, num_fewshot=0
                 f"the local tasks: lm_eval.tasks: {list(LOCAL_TASKS)}") from exc
         for key in merged:
             merged[key].update(res.get(key) or {})
-    merged = _plain(merged)
+    # JSON-safe (lm-eval leaves numpy scalars and the odd non-serialisable object in its results)
+    merged = json.loads(json.dumps(merged, default=handle_non_serializable))
     return {"tasks": summarize(merged, tasks), "lm_eval_version": lm_eval.__version__, **merged}
-
-
-def _plain(obj):
-    """JSON-safe copy (lm-eval leaves numpy scalars and the odd non-serialisable object in its results)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)

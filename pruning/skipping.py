@@ -76,6 +76,9 @@ def enable_dynamic_skipping(model, betas: dict | None = None) -> dict[int, float
     for key, beta in sorted(betas.items(), key=lambda kv: int(kv[0])):
         router = adapter.router(layers[int(key)])
         router.__class__ = _skipping_class(type(router))
+        # transformers' experts forwards (batched, grouped_mm, fp8) mask sentinel slots only under this flag;
+        # without it grouped_mm leaves the sentinel rows uninitialised and 0 * NaN reaches the output
+        adapter.experts(layers[int(key)])._is_expert_parallel = True
         router.skip_beta = float(beta)
         router.skip_skipped, router.skip_tokens = None, 0
         out[int(key)] = float(beta)

@@ -110,11 +110,15 @@ def test_second_dry_run_has_nothing_to_do(run):
     assert "Nothing to be done" in smk(run, "-n")
 
 
-def test_evaluation_param_change_reruns_only_evaluation(run):
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("eval", "max_windows", 8, {"evaluate_ppl", "evaluate_model", "evaluate_distilled", "report", "all"}),
+    ("lm_eval", "limit", 5, {"evaluate_lm_eval", "evaluate_lm_eval_variant", "evaluate_lm_eval_distilled", "report", "all"}),
+])
+def test_evaluation_setting_change_reruns_only_that_evaluation(run, section, key, value, expected):
     changed = yaml.safe_load(yaml.safe_dump(MICRO))
-    changed["eval"]["max_windows"] = 8
+    changed[section][key] = value
     jobs = planned_jobs(run, changed)
-    assert set(jobs) == {"evaluate_ppl", "evaluate_model", "evaluate_distilled", "report", "all"}, jobs
+    assert set(jobs) == expected, jobs
 
 
 def test_method_or_sparsity_change_never_recalibrates(run):
@@ -279,13 +283,6 @@ def test_local_tasks_rebuild_identically_from_the_test_split(run):
         assert all(any(ch in d.split("\n") for d in test) for ch in it["choices"])
     rolling = [json.loads(x) for x in (run / "data/lm_eval/code_rolling.jsonl").read_text().splitlines()]
     assert len(rolling) == 3 and all(r["text"] == test[r["doc"]] for r in rolling)
-
-
-def test_lm_eval_setting_change_reruns_only_lm_eval(run):
-    changed = yaml.safe_load(yaml.safe_dump(MICRO))
-    changed["lm_eval"]["limit"] = 5
-    jobs = planned_jobs(run, changed)
-    assert set(jobs) == {"evaluate_lm_eval", "evaluate_lm_eval_variant", "evaluate_lm_eval_distilled", "report", "all"}, jobs
 
 
 def test_snakemake_html_report(run):

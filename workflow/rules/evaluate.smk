@@ -89,7 +89,7 @@ rule report:
         summary=summary_inputs(),
         lm_tasks=[f"{LM_TASK_DATA}/manifest.json"] if any(t in LOCAL_TASKS for t in LM_TASKS) else [],
         schema=os.path.relpath(Path(workflow.basedir) / "workflow/schemas/summary.schema.yaml"),
-        code=pkg("report", "diagnose", "summary"),
+        code=pkg("report", "diagnose", "summary", "distill"),
     output:
         json="metrics/ppl.json",
         csv="metrics/ppl.csv",

@@ -21,12 +21,14 @@ rule lm_eval_tasks:
         "../scripts/build_lm_tasks.py"
 
 
+LM_EVAL_INPUTS = dict(tasks=lm_task_inputs(), code=pkg("harness", "checkpoint", "skipping", "reduce"))
+
+
 rule evaluate_lm_eval:
     """lm-eval tasks (lm_eval.tasks) on a whole model: full, an expert-pruned base, or a skipping model."""
     input:
         checkpoint=lambda w: model_inputs() if w.mdl == "full" else [model_dir_of(w.mdl)],
-        tasks=lm_task_inputs(),
-        code=pkg("harness", "checkpoint", "skipping", "reduce"),
+        **LM_EVAL_INPUTS,
     output:
         f"{ROOT}/{{mdl}}/eval/lm_eval.json",
     log:
@@ -34,7 +36,8 @@ rule evaluate_lm_eval:
     benchmark:
         f"{BENCH}/eval/{{mdl}}/lm_eval.tsv"
     params:
-        checkpoint=lambda w: model_dir_of(w.mdl),
+        # the checkpoint directory of a whole model (its input may be config.json); variants read input.checkpoint
+        checkpoint=lambda w: model_dir_of(w.mdl) if "mdl" in w.keys() else None,
         model=config["model"],
         lm_eval=LM_EVAL,
         task_dir=LM_TASK_DIR,
@@ -48,34 +51,22 @@ rule evaluate_lm_eval:
 use rule evaluate_lm_eval as evaluate_lm_eval_variant with:
     input:
         checkpoint=f"{VARIANT}/checkpoint",
-        tasks=lm_task_inputs(),
-        code=pkg("harness", "checkpoint", "skipping", "reduce"),
+        **LM_EVAL_INPUTS,
     output:
         f"{VARIANT}/eval/lm_eval.json",
     log:
         f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval.log",
     benchmark:
         f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval.tsv"
-    params:
-        checkpoint=None,
-        model=config["model"],
-        lm_eval=LM_EVAL,
-        task_dir=LM_TASK_DIR,
 
 
 use rule evaluate_lm_eval as evaluate_lm_eval_distilled with:
     input:
         checkpoint=f"{TUNED}/checkpoint",
-        tasks=lm_task_inputs(),
-        code=pkg("harness", "checkpoint", "skipping", "reduce"),
+        **LM_EVAL_INPUTS,
     output:
         f"{TUNED}/eval/lm_eval.json",
     log:
         f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval_{{tune}}.log",
     benchmark:
         f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval_{{tune}}.tsv"
-    params:
-        checkpoint=None,
-        model=config["model"],
-        lm_eval=LM_EVAL,
-        task_dir=LM_TASK_DIR,

@@ -66,8 +66,7 @@ with atomic_dir(out.checkpoint) as d:
     pc = json.load(open(f"{inp.checkpoint}/pruning_config.json"))
     write_json(f"{d}/pruning_config.json", {**pc, "distillation": {k: info[k] for k in ("lambda", "steps", "samples", "seqlen", "config")}})
 buf = io.StringIO()
-fields = ["step", "epoch", "lr", "loss", "ce_loss", "expert_loss", "weighted_expert_loss", "grad_norm"]
-writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+writer = csv.DictWriter(buf, fieldnames=distill.HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
 writer.writeheader()
 writer.writerows(record["history"])
 write_text(out.history, buf.getvalue())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pruning import report, summary
 from pruning.atomic import atomic_path, write_json, write_text
+from pruning.distill import HISTORY_FIELDS
 from pruning.joblog import to_log
 
 log = to_log(snakemake.log[0])
@@ -88,7 +89,7 @@ for i, v in enumerate(p.distilled):  # DVC plots: one loss-curve CSV per tuning 
         runs.append({"label": f"{drows[i]['label']} {drows[i]['sparsity_label']}, {report.TUNE_LABELS[t]}", "variant": i,
                      "tune": t, "history": report.read_history(inp.distill_history[k])})
 if not runs:
-    write_text(out.distill_curves[0], "step,epoch,lr,loss,ce_loss,expert_loss,weighted_expert_loss,grad_norm\n")
+    write_text(out.distill_curves[0], ",".join(HISTORY_FIELDS) + "\n")
 for stale in set(Path("metrics/distill").glob("*.csv")) - {Path(f) for f in out.distill_curves}:
     stale.unlink()  # curves of runs this configuration no longer has
 report.distill_plot(runs, out.distill_plot)
