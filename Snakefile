@@ -8,21 +8,22 @@ from pruning.params import yaml_without_base60
 yaml_without_base60()  # "2:4" written unquoted by `dvc exp run -S` stays an N:M pattern
 
 
-
 configfile: "params.yaml"
 
 
 report: "workflow/report/workflow.rst"
 
 
-include: "workflow/rules/common.smk"
-include: "workflow/rules/model.smk"
-include: "workflow/rules/calibrate.smk"
-include: "workflow/rules/prune.smk"
-include: "workflow/rules/experts.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/distill.smk"
-include: "workflow/rules/lm_eval.smk"
+include: "workflow/rules/config.smk"  # params validation, settings derived from params
+include: "workflow/rules/paths.smk"  # where every artifact lives
+include: "workflow/rules/model.smk"  # corpus -> tiny model
+include: "workflow/rules/calibrate.smk"  # calibration passes
+include: "workflow/rules/prune.smk"  # weight pruning: masks -> pruned checkpoint
+include: "workflow/rules/experts.smk"  # expert pruning and dynamic skipping
+include: "workflow/rules/distill.smk"  # expert-wise distillation of pruned models
+include: "workflow/rules/evaluate.smk"  # perplexity of every model, block error
+include: "workflow/rules/lm_eval.smk"  # lm-eval of every model
+include: "workflow/rules/report.smk"  # tables, plots, metrics, README
 
 
 rule all:

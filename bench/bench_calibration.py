@@ -22,9 +22,9 @@ import yaml
 
 from timing import ROOT, timed  # also puts the repository on sys.path
 
-from pruning.adapters import get_adapter
-from pruning.calibrate import ResidentSource, stream
-from pruning.checkpoint import load_model
+from pruning.calib.stream import ResidentSource, stream
+from pruning.models import get_adapter
+from pruning.models.checkpoint import load_model
 
 
 def bench_calibration(model_dir, nsamples, seqlen, batch_size, repeats):

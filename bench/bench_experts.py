@@ -41,10 +41,10 @@ import torch
 
 from timing import ROOT, timed  # also puts the repository on sys.path
 
-from pruning.adapters import get_adapter
 from pruning.atomic import write_json
-from pruning.checkpoint import load_model
-from pruning.usage import count_expert_calls
+from pruning.eval.usage import count_expert_calls
+from pruning.experts.skipping import load_model
+from pruning.models import get_adapter
 
 TARGET = 0.8
 MEASURES = [("moe_prefill", "MoE blocks, prefill"), ("moe_decode", "MoE blocks, decode"),
@@ -98,8 +98,7 @@ def bench_tokens(a, dense_dir, vocab_size):
         return torch.randint(0, vocab_size, (a.batch, a.seqlen), generator=torch.Generator().manual_seed(0))
     from transformers import AutoTokenizer
 
-    from pruning.data import tokenize_docs, windows
-    from pruning.sources import docs
+    from pruning.data.sources import docs, tokenize_docs, windows
 
     stream = tokenize_docs(AutoTokenizer.from_pretrained(dense_dir), docs("builtin", "test", a.corpus))
     ids = windows(stream, a.seqlen, a.batch)

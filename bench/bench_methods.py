@@ -17,12 +17,15 @@ from safetensors.torch import load_file
 
 from timing import timed  # also puts the repository on sys.path
 
-from pruning.adapters import get_adapter
-from pruning.calibrate import run_layer
-from pruning.checkpoint import load_model
-from pruning.hessian import route_all
-from pruning.masks import Pattern
-from pruning.prune import METHODS, layer_masks, layer_sparsegpt, updates_weights
+from pruning.calib.stream import run_layer
+from pruning.methods import WEIGHT_METHODS
+from pruning.models import get_adapter
+from pruning.models.checkpoint import load_model
+from pruning.moe import Experts, route_tokens
+from pruning.weights.pattern import Pattern
+from pruning.weights.prune import layer_masks, layer_sparsegpt
+
+METHODS = list(WEIGHT_METHODS)
 
 
 def main():
@@ -53,21 +56,19 @@ def main():
         t_fwd = timed(lambda: run_layer(layer, hidden, ctx, args.batch_size), args.repeats)
         with torch.no_grad():
             next_hidden = run_layer(layer, hidden, ctx, args.batch_size)
-        experts = adapter.experts(layer)
-        gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        ex = adapter.expert_weights(layer)
+        experts = Experts(ex.gate_up.detach(), ex.down.detach(), ex.act)
         stats = load_file(f"{args.calib}/dense/layer_{i}.stats.safetensors")
         inputs = load_file(f"{args.calib}/dense/layer_{i}.inputs.safetensors")["hidden_states"]
-        router = adapter.router(layer).weight.detach()
-        act = adapter.activation()
+        router = adapter.router_weight(layer).detach()
         times = {}
         for m in METHODS:
-            if updates_weights(m):
+            if WEIGHT_METHODS[m].updates_weights:
                 def job(m=m):
-                    routing = route_all(lambda x: adapter.route(router, x), inputs)
-                    layer_sparsegpt(m, pattern, gu, dn, inputs, routing, act)
+                    layer_sparsegpt(m, pattern, experts, inputs, route_tokens(adapter.route_logits, router, inputs))
             else:
                 def job(m=m):
-                    layer_masks(m, pattern, gu, dn, stats)
+                    layer_masks(m, pattern, experts, stats)
             times[m] = timed(job, args.repeats)
         for m in METHODS:
             print(f"{i:>5} {m:<26} {times[m]:9.3f} {times[m] / times['wanda']:8.2f} {times[m] / t_fwd:12.2f}")

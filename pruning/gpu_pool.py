@@ -26,8 +26,11 @@ def visible_devices() -> list[str]:
         return []
 
 
+POOL_DIR = ".gpu_pool"  # the lock files, in the working directory the jobs share
+
+
 @contextlib.contextmanager
-def claim_device(pool_dir, devices: list[str] | None = None, timeout: float = 3600.0, poll: float = 0.5):
+def claim_device(pool_dir=POOL_DIR, devices: list[str] | None = None, timeout: float = 3600.0, poll: float = 0.5):
     """Yield 'cuda' with CUDA_VISIBLE_DEVICES set to one free device, or 'cpu' if there is none."""
     devices = visible_devices() if devices is None else devices
     if not devices:

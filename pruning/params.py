@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from .masks import Pattern
+from .methods import WEIGHT_METHODS
+from .weights.pattern import Pattern
 
 
 class ParamsError(ValueError):
@@ -66,20 +67,27 @@ def check_schema(config: dict, schema_path) -> None:
         raise ParamsError(f"{_path(e)}: {_message(e)}")
 
 
-def check_semantics(config: dict) -> None:
-    for i, s in enumerate(config["prune"]["sparsities"]):
-        try:
-            Pattern.parse(s)
-        except ValueError as exc:
-            raise ParamsError(f"prune.sparsities[{i}]: {exc}") from None
-    check_distill(config)
-    # every (key, pattern, methods) a mask is computed for: the prune sweep and the distilled variants
+def _patterns(config: dict) -> list[tuple[str, Pattern, list[str]]]:
+    """(key, pattern, methods) of every sparsity a mask is computed for: the prune sweep and the distilled
+    variants, each parsed once with one error line naming the bad entry."""
     distill = config.get("distill") or {}
-    swept = [(f"prune.sparsities[{i}]", Pattern.parse(s), config["prune"]["methods"]) for i, s in enumerate(config["prune"]["sparsities"])]
-    swept += [(f"distill.sparsities[{i}]", Pattern.parse(s), distill.get("methods", [])) for i, s in enumerate(distill.get("sparsities", []))]
+    out = []
+    for section, values, methods in (("prune", config["prune"]["sparsities"], config["prune"]["methods"]),
+                                     ("distill", distill.get("sparsities", []), distill.get("methods", []))):
+        for i, s in enumerate(values):
+            try:
+                out.append((f"{section}.sparsities[{i}]", Pattern.parse(s), methods))
+            except ValueError as exc:
+                raise ParamsError(f"{section}.sparsities[{i}]: {exc}") from None
+    return out
+
+
+def check_semantics(config: dict) -> None:
+    swept = _patterns(config)
+    check_distill(config)
     blocksize = config["prune"].get("sparsegpt", {}).get("blocksize", 128)
     for key, p, methods in swept:
-        if p.is_nm and blocksize % p.m and any(m.startswith("sparsegpt") for m in methods):
+        if p.is_nm and blocksize % p.m and any(WEIGHT_METHODS[m].updates_weights for m in methods):
             raise ParamsError(f"{key}: M={p.m} must divide prune.sparsegpt.blocksize ({blocksize})")
     if config["model"]["name_or_path"] == "builtin":
         arch = config["tiny"]["arch"]
@@ -94,11 +102,6 @@ def check_semantics(config: dict) -> None:
 
 def check_distill(config: dict) -> None:
     d = config.get("distill") or {}
-    for i, s in enumerate(d.get("sparsities", [])):
-        try:
-            Pattern.parse(s)
-        except ValueError as exc:
-            raise ParamsError(f"distill.sparsities[{i}]: {exc}") from None
     if d.get("methods") and not d.get("sparsities"):
         raise ParamsError("distill.sparsities: required (non-empty) when distill.methods is set")
     per_step = d.get("batch_size", 8) * d.get("grad_accum", 1)
@@ -109,7 +112,7 @@ def check_distill(config: dict) -> None:
 
 def check_model(config: dict) -> dict:
     """Resolve and check model.name_or_path; returns its config.json (or None for builtin)."""
-    from .checkpoint import check_moe_config, read_config, resolve_dir
+    from .models.checkpoint import check_moe_config, read_config, resolve_dir
 
     m = config["model"]
     if m["name_or_path"] == "builtin":
@@ -122,32 +125,16 @@ def check_model(config: dict) -> dict:
     return cfg
 
 
-def base_token(method: str, keep: int, task: bool = False) -> str:
-    """Name of an expert-pruned model: 'naee-k6', 'reap-k4', 'naee-k4-task' (task-specific calibration)."""
-    return f"{method}-k{keep}" + ("-task" if task else "")
-
-
-def parse_base(token: str) -> tuple[str, int, bool] | None:
-    """'naee-k6' -> ('naee', 6, False); 'full' -> None."""
-    if token == "full":
-        return None
-    import re
-
-    m = re.fullmatch(r"([a-z_]+)-k(\d+)(-task)?", token)
-    if not m:
-        raise ValueError(f"{token!r} is not 'full' nor '<expert method>-k<keep>'")
-    return m.group(1), int(m.group(2)), bool(m.group(3))
-
-
 def check_experts(config: dict, model_config: dict | None) -> None:
     """Expert counts against the model: top_k <= keep < E, skipping needs top-2, bases name real variants."""
-    from .experts import EXPERT_METHODS
+    from .methods import EXPERT_METHODS
+    from .variant import parse_base
 
     if model_config is None:
         arch = config["tiny"]["arch"]
         num_experts, top_k = arch["num_experts"], arch["top_k"]
     else:
-        from .adapters import get_adapter
+        from .models import get_adapter
 
         a = get_adapter(model_config)
         num_experts, top_k = a.num_experts, a.top_k
@@ -183,25 +170,3 @@ def check_experts(config: dict, model_config: dict | None) -> None:
             check_keep(f"{key}[{i}]", keep)
     if config.get("skipping", {}).get("bases") and top_k != 2:
         raise ParamsError(f"skipping.bases: dynamic skipping needs a top-2 router; this model has top_k={top_k}")
-
-
-def sparsity_token(value) -> str:
-    """Path-safe wildcard value: 0.5 -> '0.5', '2:4' -> '2of4'."""
-    p = Pattern.parse(value)
-    return f"{p.n}of{p.m}" if p.is_nm else f"{p.sparsity:g}"
-
-
-def parse_sparsity_token(token: str) -> Pattern:
-    return Pattern.parse(token.replace("of", ":"))
-
-
-def calib_id(calib: dict, seed: int) -> str:
-    """Directory name of a calibration cache: exactly what determines it."""
-    import hashlib
-
-    src = calib["source"]
-    if src.startswith("builtin:"):
-        src = "builtin." + src.split(":", 1)[1]
-    elif src not in ("builtin", "c4", "wikitext2"):
-        src = Path(src).stem + "-" + hashlib.sha256(src.encode()).hexdigest()[:8]
-    return f"{src}-n{calib['nsamples']}-l{calib['seqlen']}-s{seed}"

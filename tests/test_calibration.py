@@ -2,11 +2,12 @@
 import torch
 import torch.nn.functional as F
 
-from pruning.adapters import get_adapter
-from pruning.calibrate import ResidentSource, calibrate_layer, run_layer, stream
-from pruning.masks import Pattern
-from pruning.prune import layer_masks
-from pruning.scores import score
+from pruning.models import get_adapter
+from pruning.calib.stream import ResidentSource, calibrate_layer, stream
+from pruning.moe import Experts, route_tokens
+from pruning.weights.pattern import Pattern
+from pruning.weights.prune import layer_masks
+from pruning.weights.scores import score
 
 
 def _layer_inputs(model, tokens, layer_idx):
@@ -26,7 +27,7 @@ def _naive_stats(model, layer_idx, moe_in):
     cfg = model.config
     E, k, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size
     mlp = model.model.layers[layer_idx].mlp
-    Wr, GU, D = mlp.gate.weight.double(), mlp.experts.gate_up_proj.double(), mlp.experts.down_proj.double()
+    Wr, GU = mlp.gate.weight.double(), mlp.experts.gate_up_proj.double()
     acc = {n: torch.zeros(E, d, dtype=torch.float64) for n, d in
            [("gu_x2", cfg.hidden_size), ("gu_gx2", cfg.hidden_size), ("dn_x2", I), ("dn_gx2", I)]}
     count = torch.zeros(E, dtype=torch.long)
@@ -78,6 +79,7 @@ def test_moe_pruner_and_wanda_scores_match_naive(tiny_mixtral):
     _, _, st = calibrate_layer(adapter, model.model.layers[1], hidden, adapter.layer_context(model, 16, "cpu"), 2)
     acc, count, _, _ = _naive_stats(model, 1, moe_in)
     ex = model.model.layers[1].mlp.experts
+    experts = adapter.expert_weights(model.model.layers[1])
     for e in range(4):
         W = ex.gate_up_proj[e].detach()
         naive_mp = W.abs().double() * acc["gu_gx2"][e].sqrt()[None, :]  # |W| * sqrt(sum (g x)^2)
@@ -89,9 +91,8 @@ def test_moe_pruner_and_wanda_scores_match_naive(tiny_mixtral):
             score("moe_pruner", Wd, st["down.sum_gx2"][e]).double(),
             Wd.abs().double() * acc["dn_gx2"][e].sqrt()[None, :], rtol=1e-5, atol=1e-7)
     # MoE-Pruner differs from Wanda (g is not constant), so the masks differ somewhere
-    gu, dn = ex.gate_up_proj.detach(), ex.down_proj.detach()
-    mp, _ = layer_masks("moe_pruner", Pattern.parse(0.5), gu, dn, st)
-    wa, _ = layer_masks("wanda", Pattern.parse(0.5), gu, dn, st)
+    mp, _ = layer_masks("moe_pruner", Pattern.parse(0.5), experts, st)
+    wa, _ = layer_masks("wanda", Pattern.parse(0.5), experts, st)
     assert not torch.equal(mp["down_proj"], wa["down_proj"])
 
 
@@ -101,8 +102,9 @@ def test_zero_token_expert_falls_back_to_magnitude():
           "gate_up.sum_gx2": torch.rand(3, 4), "down.sum_gx2": torch.rand(3, 4)}
     st["gate_up.sum_gx2"][1] = 0
     st["down.sum_gx2"][1] = 0
-    masks, info = layer_masks("moe_pruner", Pattern.parse(0.5), gu, dn, st)
-    mag, _ = layer_masks("magnitude", Pattern.parse(0.5), gu, dn, None)
+    experts = Experts(gu, dn, torch.nn.functional.silu)
+    masks, info = layer_masks("moe_pruner", Pattern.parse(0.5), experts, st)
+    mag, _ = layer_masks("magnitude", Pattern.parse(0.5), experts, None)
     assert info["fallback_experts"] == [1]
     assert torch.equal(masks["gate_up_proj"][1], mag["gate_up_proj"][1])
     assert torch.equal(masks["down_proj"][1], mag["down_proj"][1])
@@ -124,8 +126,16 @@ def test_router_semantics_renormalised_topk(tiny_mixtral):
     adapter = get_adapter(tiny_mixtral.config)
     gate = tiny_mixtral.model.layers[0].mlp.gate
     x = torch.randn(10, 32)
-    idx, w = adapter.route(gate.weight, x)
+    routing = route_tokens(adapter.route_logits, gate.weight, x)
+    idx, w = routing.index, routing.weights
     _, ref_w, ref_idx = gate(x)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(w, ref_w)
     torch.testing.assert_close(w.sum(-1), torch.ones(10))
+
+
+def test_channel_outlier_ratio_hand_example():
+    from pruning.calib.stats import channel_outlier_ratio
+
+    sum_x2 = torch.tensor([[1.0, 4.0, 100.0], [0.0, 0.0, 0.0]])  # norms 1, 2, 10 -> max 10 / median 2
+    assert channel_outlier_ratio(sum_x2) == 5.0

@@ -4,12 +4,13 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning.adapters import get_adapter
-from pruning.apply import apply_layer_masks, nm_zero_counts, sparsity_report
-from pruning.checkpoint import load_config, read_expert_weights
-from pruning.evaluate import perplexity, unigram_perplexity
-from pruning.masks import Pattern
-from pruning.prune import layer_masks
+from pruning.models import get_adapter
+from pruning.weights.assemble import apply_layer_masks
+from pruning.weights.sparsity import nm_zero_counts, sparsity_report
+from pruning.models.checkpoint import load_config, read_expert_weights
+from pruning.eval.perplexity import perplexity, unigram_perplexity
+from pruning.weights.pattern import Pattern
+from pruning.weights.prune import layer_masks
 
 
 def test_read_expert_weights_from_shards(tiny_mixtral, tmp_path):
@@ -29,8 +30,7 @@ def test_pruned_checkpoint_loads_with_exact_sparsity(tmp_path):
         model = make_tiny_mixtral()
         adapter = get_adapter(model.config)
         for i in (0, 1):
-            ex = model.model.layers[i].mlp.experts
-            masks, _ = layer_masks("magnitude", pattern, ex.gate_up_proj.detach(), ex.down_proj.detach(), None)
+            masks, _ = layer_masks("magnitude", pattern, adapter.expert_weights(model.model.layers[i]).to(torch.float32), None)
             apply_layer_masks(adapter, model.model.layers[i], masks)
         rep = sparsity_report(adapter, model)
         assert rep["expert_sparsity"] == 0.5 and rep["non_expert_sparsity"] == 0.0
@@ -65,7 +65,7 @@ def test_unigram_perplexity_hand_example():
 
 
 def test_windows_are_non_overlapping_and_capped_evenly():
-    from pruning.data import windows
+    from pruning.data.sources import windows
 
     stream = torch.arange(103)
     w = windows(stream, 10)

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.adapters import get_adapter
-from pruning.experts import (
-    BlockLoss, add_scores, block_targets, method_scores, random_experts, routed_scores, search, top_experts,
-)
-from pruning.reduce import expert_parameter_saving, file_bytes, parameter_count, reduce_experts, tensor_bytes
+from pruning.experts.baselines import add_scores, method_scores, random_experts, routed_scores, top_experts
+from pruning.experts.removal import expert_parameter_saving, reduce_experts
+from pruning.experts.search import BlockLoss, block_targets, search
+from pruning.models import get_adapter
+from pruning.models.checkpoint import file_bytes, parameter_count, tensor_bytes
+from pruning.moe import Experts, Routing
 
 from conftest import make_tiny_mixtral
 
@@ -58,19 +59,19 @@ def _naive_output(x, router, gate_up, down, dropped, top_k):
 def _layer_tensors(model, i):
     a = get_adapter(model.config)
     layer = a.decoder_layers(model)[i]
-    ex = a.experts(layer)
-    return a, a.router(layer).weight.detach(), ex.gate_up_proj.detach(), ex.down_proj.detach(), ex.act_fn
+    ex = a.expert_weights(layer)
+    return a, a.router_weight(layer).detach(), Experts(ex.gate_up.detach(), ex.down.detach(), ex.act)
 
 
 def test_objective_equals_per_token_frobenius_sum():
     model = make_tiny_mixtral(experts=5)
     x = _moe_inputs(model)[1].double()
-    a, router, gu, dn, act = _layer_tensors(model, 1)
+    a, router, ex = _layer_tensors(model, 1)
     batches = [x[:20], x[20:]]
-    loss = BlockLoss(batches, router, gu, dn, act, a.route_logits)
+    loss = BlockLoss(batches, router, ex, a.route_logits)
     sets = [(0,), (2, 4), (1, 3)]
     got = loss(sets)
-    r, g, d = router.double(), gu.double(), dn.double()
+    r, g, d = router.double(), ex.gate_up.double(), ex.down.double()
     for dropped, value in zip(sets, got):
         naive = 0.0
         for b in batches:
@@ -103,8 +104,8 @@ def test_search_picks_brute_force_argmin_of_the_stock_block():
     for keep in (4, 3):
         all_sets = list(itertools.combinations(range(6), 6 - keep))
         brute_losses = {d: brute(d) for d in all_sets}
-        _, router, gu, dn, act = _layer_tensors(model, 0)
-        res = search(BlockLoss(batches, router, gu, dn, act, a.route_logits), 6, keep)
+        _, router, ex = _layer_tensors(model, 0)
+        res = search(BlockLoss(batches, router, ex, a.route_logits), 6, keep)
         assert tuple(res["dropped"]) == min(brute_losses, key=brute_losses.get)
         assert len(res["candidates"]) == math.comb(6, 6 - keep) and res["exhaustive"]
         for d, v in res["candidates"]:
@@ -131,13 +132,14 @@ def test_beam_search_when_enumeration_is_too_large():
 
 def test_baseline_scores_equal_a_per_token_loop():
     model = make_tiny_mixtral(experts=4)
-    a, router, gu, dn, act = _layer_tensors(model, 1)
+    a, router, ex = _layer_tensors(model, 1)
+    gu, dn = ex.gate_up, ex.down
     x = _moe_inputs(model)[1]
     gate = a.router(a.decoder_layers(model)[1])
     with torch.no_grad():
         _, weights, index = gate(x)  # the model's own routing and combine weights
-        sums = add_scores(routed_scores(x[:30], index[:30], weights[:30], gu, dn, act),
-                          routed_scores(x[30:], index[30:], weights[30:], gu, dn, act))
+        sums = add_scores(routed_scores(x[:30], Routing(index[:30], weights[:30]), ex),
+                          routed_scores(x[30:], Routing(index[30:], weights[30:]), ex))
     scores = method_scores(sums)
     count, gnorm, norm = [0] * 4, [0.0] * 4, [0.0] * 4
     inter = dn.shape[-1]
@@ -207,15 +209,15 @@ def test_reduce_rejects_bad_kept_sets():
 
 def test_progressive_targets_are_the_unpruned_outputs():
     model = make_tiny_mixtral(experts=4).double()
-    a, router, gu, dn, act = _layer_tensors(model, 0)
+    a, router, ex = _layer_tensors(model, 0)
     x = _moe_inputs(model)[0]
     block = a.moe_block(a.decoder_layers(model)[0])
     with torch.no_grad():
         expected = block(x[None])[0]
-    (z,) = block_targets([x], router, gu, dn, act, a.route_logits)
+    (z,) = block_targets([x], router, ex, a.route_logits)
     torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-6)  # the stock router's softmax is fp32, ours fp64
     shifted = x + 0.1 * torch.randn_like(x)  # progressive: other inputs, same targets
-    loss = BlockLoss([shifted], router, gu, dn, act, a.route_logits, targets=[z])
+    loss = BlockLoss([shifted], router, ex, a.route_logits, targets=[z])
     with torch.no_grad():
         stock = torch.linalg.matrix_norm(z - block(shifted[None])[0]).item()
     assert loss([()])[0] == pytest.approx(stock, rel=1e-5)

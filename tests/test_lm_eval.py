@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_tiny_mixtral
-from pruning import harness, lm_tasks
+from pruning.data import lm_tasks
+from pruning.eval import lm_harness as harness
 
 DOCS = [
     "import os\nimport sys\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n",
@@ -53,7 +54,7 @@ def test_resolve_tasks_and_fewshot_groups():
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    from pruning.tiny import train_tokenizer
+    from pruning.models.tiny import train_tokenizer
 
     tok = train_tokenizer(DOCS * 4, 300)
     model = make_tiny_mixtral(seed=3, vocab=len(tok))

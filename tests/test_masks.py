@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from pruning.masks import Pattern, load_masks, nm_mask, pack, save_masks, select_mask, unpack, unstructured_mask
+from pruning.weights.pattern import Pattern
+from pruning.weights.masks import load_masks, nm_mask, pack, save_masks, select_mask, unpack, unstructured_mask
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (5, 13), (3, 7), (1, 9)])

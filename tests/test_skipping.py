@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.adapters import get_adapter
-from pruning.skipping import BETAS_KEY, beta_from_stats, enable_dynamic_skipping, register, skip_rates, skip_second
-from pruning.usage import count_expert_calls
+from pruning.models import get_adapter
+from pruning.experts.skipping import BETAS_KEY, beta_from_stats, enable_dynamic_skipping, register, skip_rates, skip_second
+from pruning.eval.usage import count_expert_calls
 
 from conftest import make_tiny_mixtral
 
@@ -80,7 +80,8 @@ def test_beta_zero_never_skips_and_changes_nothing():
 
 
 def test_beta_is_the_median_ratio_of_the_calibration_tokens():
-    from pruning.stats import LayerStats
+    from pruning.calib.stats import LayerStats
+    from pruning.moe import Routing
 
     g = torch.Generator().manual_seed(3)
     st = LayerStats(4, 8, 8)
@@ -88,7 +89,7 @@ def test_beta_is_the_median_ratio_of_the_calibration_tokens():
     for n in (7, 10):  # two experts-module calls, 17 tokens, weights in either slot order
         w = torch.rand(n, 2, generator=g)
         w = w / w.sum(-1, keepdim=True)
-        st.add_routing(torch.randint(0, 4, (n, 2), generator=g), w)
+        st.add_routing(Routing(torch.randint(0, 4, (n, 2), generator=g), w))
         ratios += [min(a, b) / max(a, b) for a, b in w.tolist()]
     ratios.sort()
     assert beta_from_stats(st.finalize()) == pytest.approx(ratios[8], rel=1e-6)  # the middle of 17 values

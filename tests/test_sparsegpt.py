@@ -5,13 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning.adapters import get_adapter
-from pruning.calibrate import calibrate_layer
-from pruning.hessian import HESSIAN_MODES, expert_hessians, route_all
-from pruning.masks import Pattern, select_mask
-from pruning.prune import layer_sparsegpt
-from pruning.scores import score
-from pruning.sparsegpt import sparsegpt
+from pruning.models import get_adapter
+from pruning.calib.stream import calibrate_layer
+from pruning.moe import Experts, route_tokens
+from pruning.weights.hessian import HESSIAN_MODES, expert_hessians
+from pruning.weights.masks import select_mask
+from pruning.weights.pattern import Pattern
+from pruning.weights.prune import layer_sparsegpt
+from pruning.weights.scores import score
+from pruning.weights.sparsegpt import sparsegpt
 
 
 def naive_obs(weight, hessian, pattern, blocksize, percdamp):
@@ -137,7 +139,7 @@ def test_expert_hessians_equal_per_token_loop(tiny_mixtral, mode):
         for layer_idx in (0, 1):
             inputs = _moe_inputs(model, adapter, layer_idx, tokens)
             mlp = model.model.layers[layer_idx].mlp
-            routing = route_all(lambda x: adapter.route(mlp.gate.weight, x), inputs, chunk=7)
+            routing = route_tokens(adapter.route_logits, mlp.gate.weight, inputs, chunk=7)
             ref_in, ref_mid = _naive_hessians(model, layer_idx, inputs, mode)
             for e in range(adapter.num_experts):
                 h_in, h_mid, n = expert_hessians(
@@ -152,11 +154,11 @@ def test_layer_sparsegpt_prunes_separate_matrices_and_falls_back(tiny_mixtral):
     model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
     mlp = model.model.layers[0].mlp
     inputs = _moe_inputs(model, adapter, 0, torch.randint(0, 64, (2, 16)))
-    routing = route_all(lambda x: adapter.route(mlp.gate.weight, x), inputs)
+    routing = route_tokens(adapter.route_logits, mlp.gate.weight, inputs)
     routing.index[routing.index == 3] = 2  # expert 3 now receives no token
     gu, dn = mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach()
     pattern = Pattern.parse("2:4")
-    masks, new, info = layer_sparsegpt("sparsegpt_gate_weighted", pattern, gu, dn, inputs, routing, adapter.activation())
+    masks, new, info = layer_sparsegpt("sparsegpt_gate_weighted", pattern, Experts(gu, dn, adapter.activation()), inputs, routing)
     assert info["fallback_experts"] == [3] and info["tokens_per_expert"][3] == 0
     assert torch.equal(masks["gate_up_proj"][3], select_mask(gu[3].abs(), pattern))
     assert torch.equal(new["down_proj"][3], dn[3] * masks["down_proj"][3])

@@ -1,6 +1,6 @@
-# Calibration-stat caching. Files are keyed by what determines them (base model, source, nsamples, seqlen,
-# seed = cid), so changing only the method or the sparsity never recomputes them.
-CALIB_PATH = f"{ROOT}/{{base}}/calib/{{cid}}"
+# Calibration. The cache of a base model is keyed by what determines it (calibration set id = source, nsamples,
+# seqlen, seed), so changing only the method or the sparsity never recomputes it.
+RUN_LAYERS = ("calib/stream", "calib/stats", "moe", "models/adapter", "models/mixtral", "models/checkpoint", "jobs", "gpu_pool", "atomic")
 
 
 rule calibrate:
@@ -8,22 +8,22 @@ rule calibrate:
     input:
         model=base_inputs,
         corpus=corpus_inputs(),
-        code=pkg("calibrate", "stats", "data", "sources", "skipping", "adapters/base", "adapters/mixtral"),
+        code=pkg(*RUN_LAYERS, "data/sources", "data/corpus"),
     output:
-        tokens=f"{CALIB_PATH}/tokens.safetensors",
-        stats=expand(f"{CALIB_PATH}/dense/layer_{{layer}}.stats.safetensors", layer=LAYERS, allow_missing=True),
-        inputs=expand(f"{CALIB_PATH}/dense/layer_{{layer}}.inputs.safetensors", layer=LAYERS, allow_missing=True),
+        tokens=tokens_file("{base}", "{cid}"),
+        stats=expand(calib_file("{base}", "{cid}", "stats"), layer=LAYERS, allow_missing=True),
+        inputs=expand(calib_file("{base}", "{cid}", "inputs"), layer=LAYERS, allow_missing=True),
     log:
-        f"{LOGS}/calibrate/{{base}}/{{cid}}.log",
+        log_file("{base}/calib/{cid}", "calibrate"),
     benchmark:
-        f"{BENCH}/calibrate/{{base}}/{{cid}}.tsv"
+        bench_file("{base}/calib/{cid}", "calibrate")
     params:
         model_dir=lambda w: base_dir(w.base),
         model=config["model"],
-        calib=lambda w: CALIB_SETS[w.cid],
+        calib=lambda w: SWEEP.calib_sets[w.cid],
         seed=config["seed"],
         corpus_dir=CORPUS,
-        out_dir=lambda w: f"{calib_dir(w.base, w.cid)}/dense",
+        layers=LAYERS,  # the order of the stats and inputs outputs
     threads: workflow.cores
     resources:
         gpu=1,
@@ -35,21 +35,22 @@ rule calibrate_sequential:
     """Sequential propagation, one job per layer: layer i's statistics come from inputs that passed
     through the already-pruned layers < i. An interrupted run resumes at the first missing layer."""
     input:
-        unpack(_previous_layer),
+        unpack(previous_layer),
         model=base_inputs,
-        code=pkg("calibrate", "stats", "apply", "adapters/base", "adapters/mixtral"),
+        code=pkg(*RUN_LAYERS, "weights/assemble", "weights/masks", "weights/pattern"),
     output:
-        hidden=f"{VARIANT}/seqcalib/layer_{{layer}}.hidden.safetensors",
-        stats=f"{VARIANT}/seqcalib/layer_{{layer}}.stats.safetensors",
-        inputs=f"{VARIANT}/seqcalib/layer_{{layer}}.inputs.safetensors",
+        hidden=seq_file(VARIANT.dir, "hidden"),
+        stats=seq_file(VARIANT.dir, "stats"),
+        inputs=seq_file(VARIANT.dir, "inputs"),
     log:
-        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/calibrate_sequential_{{layer}}.log",
+        log_file(VARIANT.path, "calibrate_sequential_{layer}"),
     benchmark:
-        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/calibrate_sequential_{{layer}}.tsv"
+        bench_file(VARIANT.path, "calibrate_sequential_{layer}")
     params:
         model_dir=lambda w: base_dir(w.base),
         model=config["model"],
         calib=config["calib"],
+        seed=config["seed"],
     wildcard_constraints:
         prop="sequential",
     threads: workflow.cores

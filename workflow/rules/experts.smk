@@ -1,26 +1,28 @@
 # Expert pruning (NAEE search and the frequency / REAP / EAN / random baselines), the reduced checkpoints,
 # and dynamic-skipping calibration.
+DENSE_INPUTS = calib_file("full", "{cid}", "inputs")
+SEARCH_PARAMS = {k: config["experts"][k] for k in ("max_subsets", "beam_width")}  # not the method/keep lists
+SEARCH_CODE = ("experts/search", "moe", "models/checkpoint", "models/adapter", "models/mixtral", "jobs", "gpu_pool", "atomic")
 
 
 rule expert_search:
     """One job per layer and kept count: the reconstruction loss of every dropped set (NAEE, layerwise: the
     unpruned model's inputs at every layer) and the baselines' scores, on one calibration set."""
     input:
-        inputs=f"{ROOT}/full/calib/{{cid}}/dense/layer_{{layer}}.inputs.safetensors",
+        inputs=DENSE_INPUTS,
         model=model_inputs(),
-        code=pkg("experts", "checkpoint", "adapters/base", "adapters/mixtral"),
+        code=pkg(*SEARCH_CODE, "experts/baselines"),
     output:
         f"{SEARCH}/layer_{{layer}}.json",
     log:
-        f"{LOGS}/search/{{cid}}/k{{keep}}/layer_{{layer}}.log",
+        log_file("search/{cid}/k{keep}", "layer_{layer}"),
     benchmark:
-        f"{BENCH}/search/{{cid}}/k{{keep}}/layer_{{layer}}.tsv"
+        bench_file("search/{cid}/k{keep}", "layer_{layer}")
     params:
         model_dir=MODEL_DIR,
-        seqlen=lambda w: CALIB_SETS[w.cid]["seqlen"],
-        batch_size=lambda w: CALIB_SETS[w.cid]["batch_size"],
+        calib=lambda w: SWEEP.calib_sets[w.cid],
         seed=config["seed"],
-        search={k: config["experts"][k] for k in ("max_subsets", "beam_width")},  # not the method/keep lists
+        search=SEARCH_PARAMS,
     threads: 1
     resources:
         gpu=1,
@@ -28,11 +30,11 @@ rule expert_search:
         "../scripts/expert_search.py"
 
 
-def _progressive_previous(wildcards):
+def progressive_previous(wildcards):
     i = int(wildcards.layer)
-    out = {"dense_inputs": f"{ROOT}/full/calib/{wildcards.cid}/dense/layer_{i}.inputs.safetensors"}
+    out = {"dense_inputs": DENSE_INPUTS.format(cid=wildcards.cid, layer=i)}
     if i == 0:
-        out["tokens"] = f"{ROOT}/full/calib/{wildcards.cid}/tokens.safetensors"
+        out["tokens"] = tokens_file("full", wildcards.cid)
     else:
         prev = SEARCH.format(cid=wildcards.cid, keep=wildcards.keep)
         out["hidden"] = f"{prev}/progressive/layer_{i - 1}.hidden_out.safetensors"
@@ -45,22 +47,22 @@ rule expert_search_progressive:
     expert-pruned layers < i, the targets stay the unpruned model's outputs. Writes the hidden states
     leaving the pruned layer i for the next job."""
     input:
-        unpack(_progressive_previous),
+        unpack(progressive_previous),
         model=model_inputs(),
-        code=pkg("experts", "calibrate", "checkpoint", "adapters/base", "adapters/mixtral"),
+        code=pkg(*SEARCH_CODE, "calib/stream", "calib/stats"),
     output:
         search=f"{SEARCH}/progressive/layer_{{layer}}.json",
         hidden=f"{SEARCH}/progressive/layer_{{layer}}.hidden_out.safetensors",
     log:
-        f"{LOGS}/search/{{cid}}/k{{keep}}/progressive_{{layer}}.log",
+        log_file("search/{cid}/k{keep}", "progressive_{layer}"),
     benchmark:
-        f"{BENCH}/search/{{cid}}/k{{keep}}/progressive_{{layer}}.tsv"
+        bench_file("search/{cid}/k{keep}", "progressive_{layer}")
     params:
         model_dir=MODEL_DIR,
         model=config["model"],
-        seqlen=lambda w: CALIB_SETS[w.cid]["seqlen"],
-        batch_size=lambda w: CALIB_SETS[w.cid]["batch_size"],
-        search={k: config["experts"][k] for k in ("max_subsets", "beam_width")},  # not the method/keep lists
+        calib=lambda w: SWEEP.calib_sets[w.cid],
+        seed=config["seed"],
+        search=SEARCH_PARAMS,
     threads: workflow.cores
     resources:
         gpu=1,
@@ -68,9 +70,9 @@ rule expert_search_progressive:
         "../scripts/expert_search_progressive.py"
 
 
-def _searches(wildcards):
+def searches(wildcards):
     method, keep, _ = parse_base(wildcards.base)
-    prefix = SEARCH.format(cid=base_cid(wildcards.base), keep=keep)
+    prefix = SEARCH.format(cid=SWEEP.base_cid(wildcards.base), keep=keep)
     if method == "naee_progressive":
         return [f"{prefix}/progressive/layer_{i}.json" for i in LAYERS]
     return [f"{prefix}/layer_{i}.json" for i in LAYERS]
@@ -79,22 +81,22 @@ def _searches(wildcards):
 rule apply_experts:
     """The expert-pruned model as a standard HF checkpoint with fewer experts, plus its size against the original."""
     input:
-        searches=_searches,
+        searches=searches,
         model=model_inputs(),
-        code=pkg("reduce", "checkpoint", "adapters/base", "adapters/mixtral"),
+        code=pkg("experts/removal", "models/checkpoint", "models/adapter", "models/mixtral", "moe", "jobs", "atomic"),
     output:
-        checkpoint=_checkpoint(directory(f"{ROOT}/{{base}}/checkpoint")),
-        reduction=f"{ROOT}/{{base}}/reduction.json",
-        search=f"{ROOT}/{{base}}/search.json",
+        checkpoint=checkpoint_output(directory(WHOLE.file("checkpoint"))),
+        reduction=WHOLE.file("reduction"),
+        search=WHOLE.file("search"),
     log:
-        f"{LOGS}/{{base}}/apply_experts.log",
+        log_file("{base}", "apply_experts"),
     benchmark:
-        f"{BENCH}/{{base}}/apply_experts.tsv"
+        bench_file("{base}", "apply_experts")
     params:
         model_dir=MODEL_DIR,
         model=config["model"],
         method=lambda w: parse_base(w.base)[0],
-        calib_id=lambda w: base_cid(w.base),
+        calib_id=lambda w: SWEEP.base_cid(w.base),
     wildcard_constraints:
         base=r"(?:" + "|".join(EXPERT_METHODS) + r")-k\d+(?:-task)?",
     script:
@@ -105,16 +107,16 @@ rule skip_calibrate:
     """Dynamic skipping: beta per layer = median over calibration tokens of the second / first top-2 weight
     of this model; the checkpoint with config.betas is written beside it."""
     input:
-        stats=expand(f"{ROOT}/{{base}}/calib/{CID}/dense/layer_{{layer}}.stats.safetensors", layer=LAYERS, allow_missing=True),
+        stats=expand(calib_file("{base}", CID, "stats"), layer=LAYERS, allow_missing=True),
         model=base_inputs,
-        code=pkg("skipping", "atomic"),
+        code=pkg("experts/skipping", "atomic", "jobs"),
     output:
-        checkpoint=_checkpoint(directory(f"{ROOT}/{{base}}/skip/checkpoint")),
-        betas=f"{ROOT}/{{base}}/skip/betas.json",
+        checkpoint=checkpoint_output(directory(SKIPPING.file("checkpoint"))),
+        betas=SKIPPING.file("betas"),
     log:
-        f"{LOGS}/{{base}}/skip_calibrate.log",
+        log_file("{base}/skip", "skip_calibrate"),
     benchmark:
-        f"{BENCH}/{{base}}/skip_calibrate.tsv"
+        bench_file("{base}/skip", "skip_calibrate")
     params:
         model_dir=lambda w: base_dir(w.base),
         calib_id=CID,

@@ -6,7 +6,7 @@ rule lm_eval_tasks:
     """The local lm-eval tasks' JSONL files, from the test split only (workflow/lm_eval_tasks/*.yaml read them)."""
     input:
         corpus=CORPUS_FILES,
-        code=pkg("lm_tasks", "sources", "data", "corpus", "atomic"),
+        code=pkg("data/lm_tasks", "data/sources", "data/corpus", "atomic", "jobs"),
     output:
         **{t: f"{LM_TASK_DATA}/{t}.jsonl" for t in LOCAL_TASKS},
         manifest=f"{LM_TASK_DATA}/manifest.json",
@@ -21,52 +21,26 @@ rule lm_eval_tasks:
         "../scripts/build_lm_tasks.py"
 
 
-LM_EVAL_INPUTS = dict(tasks=lm_task_inputs(), code=pkg("harness", "checkpoint", "skipping", "reduce"))
-
-
 rule evaluate_lm_eval:
-    """lm-eval tasks (lm_eval.tasks) on a whole model: full, an expert-pruned base, or a skipping model."""
+    """lm-eval tasks (lm_eval.tasks) on one model, whatever made it."""
     input:
-        checkpoint=lambda w: model_inputs() if w.mdl == "full" else [model_dir_of(w.mdl)],
-        **LM_EVAL_INPUTS,
+        checkpoint=checkpoint_inputs,
+        tasks=lm_task_inputs(),
+        code=pkg(*LOAD_MODEL, "eval/lm_harness"),
     output:
-        f"{ROOT}/{{mdl}}/eval/lm_eval.json",
+        f"{ANY}/eval/lm_eval.json",
     log:
-        f"{LOGS}/eval/{{mdl}}/lm_eval.log",
+        log_file("{mdl}", "lm_eval"),
     benchmark:
-        f"{BENCH}/eval/{{mdl}}/lm_eval.tsv"
+        bench_file("{mdl}", "lm_eval")
     params:
-        # the checkpoint directory of a whole model (its input may be config.json); variants read input.checkpoint
-        checkpoint=lambda w: model_dir_of(w.mdl) if "mdl" in w.keys() else None,
+        checkpoint=lambda w: Variant.from_path(MODEL, w.mdl).checkpoint(MODEL_DIR),
         model=config["model"],
         lm_eval=LM_EVAL,
+        seed=config["seed"],
         task_dir=LM_TASK_DIR,
     threads: 1
     resources:
         gpu=1,
     script:
         "../scripts/evaluate_lm_eval.py"
-
-
-use rule evaluate_lm_eval as evaluate_lm_eval_variant with:
-    input:
-        checkpoint=f"{VARIANT}/checkpoint",
-        **LM_EVAL_INPUTS,
-    output:
-        f"{VARIANT}/eval/lm_eval.json",
-    log:
-        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval.log",
-    benchmark:
-        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval.tsv"
-
-
-use rule evaluate_lm_eval as evaluate_lm_eval_distilled with:
-    input:
-        checkpoint=f"{TUNED}/checkpoint",
-        **LM_EVAL_INPUTS,
-    output:
-        f"{TUNED}/eval/lm_eval.json",
-    log:
-        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval_{{tune}}.log",
-    benchmark:
-        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/lm_eval_{{tune}}.tsv"

@@ -2,6 +2,8 @@
 
 
 rule corpus:
+    input:
+        code=pkg("data/corpus", "atomic", "jobs"),
     output:
         CORPUS_FILES,
     log:
@@ -10,8 +12,6 @@ rule corpus:
         "results/benchmarks/corpus.tsv"
     params:
         corpus=config["corpus"],
-    input:
-        code=pkg("corpus", "atomic"),
     script:
         "../scripts/build_corpus.py"
 
@@ -19,14 +19,14 @@ rule corpus:
 rule train_tiny:
     input:
         corpus=CORPUS_FILES,
-        code=pkg("tiny", "data", "evaluate"),
+        code=pkg("models/tiny", "data/sources", "data/corpus", "eval/perplexity", "atomic", "jobs"),
     output:
-        model=directory(f"{ROOT}/base"),
+        model=directory(MODEL_DIR),
         report=f"{ROOT}/base_report.json",
     log:
-        f"{LOGS}/train_tiny.log",
+        log_file("train_tiny"),
     benchmark:
-        f"{BENCH}/train_tiny.tsv"
+        bench_file("train_tiny")
     params:
         tiny=config["tiny"],
         seed=config["seed"],

@@ -1,21 +1,23 @@
-# Per-layer masks and the assembled pruned checkpoint.
+# Weight pruning: per-layer masks (and SparseGPT's updated weights), then the assembled pruned checkpoint.
+READ_LAYER = ("models/checkpoint", "models/adapter", "models/mixtral", "moe", "jobs", "gpu_pool", "atomic", "methods")
+MASK_FILES = ("weights/masks", "weights/pattern", "weights/prune", "weights/scores", "weights/hessian", "weights/sparsegpt")
 
 
 rule mask:
     """Score methods, one job per layer: score every expert matrix and choose its mask."""
     input:
-        stats=_stats,
+        stats=stats_file,
         model=base_inputs,
-        code=pkg("prune", "scores", "masks", "checkpoint"),
+        code=pkg(*READ_LAYER, *MASK_FILES),
     output:
-        f"{VARIANT}/masks/layer_{{layer}}.safetensors",
+        mask_file(VARIANT.dir),
     log:
-        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
+        log_file(VARIANT.path, "mask_{layer}"),
     benchmark:
-        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
+        bench_file(VARIANT.path, "mask_{layer}")
     params:
         model_dir=lambda w: base_dir(w.base),
-        model=config["model"],
+        seed=config["seed"],
     wildcard_constraints:
         method="|".join(SCORE_METHODS),
     resources:
@@ -27,20 +29,20 @@ rule mask:
 rule mask_sparsegpt:
     """SparseGPT methods, one job per layer: OBS masks and updated weights from the cached MoE-block inputs."""
     input:
-        inputs=_moe_inputs,
+        inputs=lambda w: moe_inputs_file(w, w.layer),
         model=base_inputs,
-        code=pkg("prune", "sparsegpt", "hessian", "masks", "checkpoint", "adapters/base", "adapters/mixtral"),
+        code=pkg(*READ_LAYER, *MASK_FILES),
     output:
-        masks=f"{VARIANT}/masks/layer_{{layer}}.safetensors",
-        weights=f"{VARIANT}/weights/layer_{{layer}}.safetensors",
+        masks=mask_file(VARIANT.dir),
+        weights=weights_file(VARIANT.dir),
     log:
-        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.log",
+        log_file(VARIANT.path, "mask_{layer}"),
     benchmark:
-        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/mask_{{layer}}.tsv"
+        bench_file(VARIANT.path, "mask_{layer}")
     params:
         model_dir=lambda w: base_dir(w.base),
-        model=config["model"],
         sparsegpt=config["prune"]["sparsegpt"],
+        seed=config["seed"],
     wildcard_constraints:
         method="|".join(SPARSEGPT_METHODS),
     resources:
@@ -52,16 +54,16 @@ rule mask_sparsegpt:
 rule apply:
     """Write the pruned model as a standard HF checkpoint plus the achieved sparsity."""
     input:
-        unpack(_layer_files),
+        unpack(layer_files),
         model=base_inputs,
-        code=pkg("apply", "masks", "checkpoint"),
+        code=pkg(*READ_LAYER, "weights/assemble", "weights/sparsity", "weights/masks", "weights/pattern"),
     output:
-        checkpoint=_checkpoint(directory(f"{VARIANT}/checkpoint")),
-        sparsity=f"{VARIANT}/sparsity.json",
+        checkpoint=checkpoint_output(directory(VARIANT.file("checkpoint"))),
+        sparsity=VARIANT.file("sparsity"),
     log:
-        f"{LOGS}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/apply.log",
+        log_file(VARIANT.path, "apply"),
     benchmark:
-        f"{BENCH}/{{base}}/{CID}/{{prop}}/{{method}}/{{sp}}/apply.tsv"
+        bench_file(VARIANT.path, "apply")
     params:
         model_dir=lambda w: base_dir(w.base),
         model=config["model"],

@@ -3,20 +3,20 @@ import json
 
 from transformers import AutoTokenizer
 
-from pruning.adapters import get_adapter
+from pruning import jobs
 from pruning.atomic import atomic_dir, write_json
-from pruning.checkpoint import load_model
-from pruning.joblog import to_log, torch_dtype
-from pruning.reduce import expert_parameter_saving, file_bytes, parameter_count, reduce_experts, tensor_bytes
+from pruning.experts.removal import expert_parameter_saving, reduce_experts
+from pruning.models import get_adapter
+from pruning.models.checkpoint import file_bytes, load_model, parameter_count, tensor_bytes
 
-log = to_log(snakemake.log[0])
+log = jobs.start(snakemake.log[0])
 p, out = snakemake.params, snakemake.output
 searches = [json.load(open(f)) for f in snakemake.input.searches]
-model = load_model(p.model_dir, torch_dtype(p.model["dtype"]), "cpu", p.model["trust_remote_code"])
+model = load_model(p.model_dir, p.model["dtype"], "cpu", p.model["trust_remote_code"])
 adapter = get_adapter(model.config)
 E, hidden = adapter.num_experts, model.config.hidden_size
-ex0 = adapter.experts(adapter.decoder_layers(model)[adapter.moe_layer_indices()[0]])
-gu_shape, dn_shape, itemsize = tuple(ex0.gate_up_proj.shape), tuple(ex0.down_proj.shape), ex0.gate_up_proj.element_size()
+ex0 = adapter.expert_weights(adapter.decoder_layers(model)[adapter.moe_layer_indices()[0]])
+gu_shape, dn_shape, itemsize = tuple(ex0.gate_up.shape), tuple(ex0.down.shape), ex0.gate_up.element_size()
 kept = {s["layer"]: s["chosen"][p.method] for s in searches}
 params_before = parameter_count(model)
 reduce_experts(adapter, model, kept, {"method": p.method, "calib_id": p.calib_id})

@@ -1,7 +1,8 @@
-from pruning import corpus
-from pruning.joblog import to_log
+"""The built-in offline corpus: the installed standard library's sources, split by a hash of each path."""
+from pruning import jobs
+from pruning.data import corpus
 
-log = to_log(snakemake.log[0])
+log = jobs.start(snakemake.log[0])
 c = snakemake.params.corpus
 m = corpus.build(
     snakemake.output[0].rsplit("/", 1)[0], val_frac=c["val_frac"], test_frac=c["test_frac"], max_files=c["max_files"]

@@ -1,12 +1,12 @@
-"""The local lm-eval tasks' JSONL files from the held-out test split (see pruning/lm_tasks.py)."""
+"""The local lm-eval tasks' JSONL files from the held-out test split (see pruning/data/lm_tasks.py)."""
 import json
 
-from pruning import lm_tasks
+from pruning import jobs
 from pruning.atomic import sha256_file, write_json, write_text
-from pruning.joblog import to_log
-from pruning.sources import docs
+from pruning.data import lm_tasks
+from pruning.data.sources import docs
 
-log = to_log(snakemake.log[0])
+log = jobs.start(snakemake.log[0])
 c, out = snakemake.params.local, snakemake.output
 test = docs(c["source"], "test", snakemake.params.corpus_dir)
 items = lm_tasks.next_line_items(test, c["next_line_items"], c["seed"], c["context_lines"], c["num_choices"])

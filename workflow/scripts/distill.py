@@ -5,48 +5,45 @@ import json
 import shutil
 import time
 
-import torch
 from transformers import AutoTokenizer
 
-from pruning import distill
-from pruning.adapters import get_adapter
-from pruning.apply import check_nm, sparsity_report
+from pruning import jobs
 from pruning.atomic import atomic_dir, write_json, write_text
-from pruning.checkpoint import load_model
-from pruning.env import environment, seed_everything
+from pruning.data.sources import calibration_tokens
+from pruning.distill import train as distill
+from pruning.distill.state import fingerprint
 from pruning.gpu_pool import claim_device
-from pruning.joblog import to_log, torch_dtype
-from pruning.params import parse_sparsity_token
-from pruning.sources import calibration_tokens
+from pruning.models import get_adapter
+from pruning.models.checkpoint import load_model
+from pruning.weights.masks import load_layer_masks
+from pruning.weights.pattern import Pattern
+from pruning.weights.sparsity import check_layer_nm, sparsity_report
 
-log = to_log(snakemake.log[0])
 p, inp, out, w = snakemake.params, snakemake.input, snakemake.output, snakemake.wildcards
+log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 kd = p.distill
 cfg = distill.KDConfig.from_params(kd, p.seed)
-pattern = parse_sparsity_token(w.sp)
-seed_everything(p.seed, snakemake.threads)
+pattern = Pattern.parse(w.sp)
 t0 = time.time()
-with claim_device(".gpu_pool") as device:
+with claim_device() as device:
     tok = AutoTokenizer.from_pretrained(inp.checkpoint)
     data = calibration_tokens(tok, kd["source"], kd["samples"], kd["seqlen"], p.seed, p.corpus_dir)  # train split
-    dtype = torch_dtype(p.model["dtype"])
     # fp32 master weights for AdamW (bf16 runs as autocast on top); the teacher stays in the model's dtype
-    student = load_model(inp.checkpoint, torch.float32, device, p.model["trust_remote_code"])
-    teacher = load_model(p.teacher_dir, dtype, device, p.model["trust_remote_code"])
+    student = load_model(inp.checkpoint, "float32", device, p.model["trust_remote_code"])
+    teacher = load_model(p.teacher_dir, p.model["dtype"], device, p.model["trust_remote_code"])
     s_adapter, t_adapter = get_adapter(student.config), get_adapter(teacher.config)
-    masks = distill.load_layer_masks(inp.masks)
-    key = distill.fingerprint(cfg, data, list(inp.masks) + list(inp.get("weights", [])) + [f"{inp.checkpoint}/config.json"])
+    masks = load_layer_masks(inp.masks)
+    key = fingerprint(cfg, data, list(inp.masks) + list(inp.get("weights", [])) + [f"{inp.checkpoint}/config.json"])
     log.info("distilling %s on %d x %d tokens from %s, %s (%d steps)", inp.checkpoint, *data.shape, kd["source"], device,
              distill.steps_per_epoch(data.shape[0], cfg) * cfg.epochs)
     record = distill.distill(student, teacher, s_adapter, t_adapter, masks, data, cfg, device=device,
                              state_dir=p.resume_dir, fingerprint=key, log=log)
-    student = student.to("cpu", dtype)  # saved in the model's dtype; a zero stays zero when rounded
+    student = student.to("cpu", teacher.dtype)  # saved in the model's dtype; a zero stays zero when rounded
 
 # Masks exactly fixed: distill() asserted every pruned position is zero; N:M variants keep exact N:M.
 if pattern.is_nm:
     for layer, m in masks.items():
-        for name, param in distill.expert_params(s_adapter, student, layer).items():
-            check_nm(param.detach(), m[name], pattern.n, pattern.m)
+        check_layer_nm(s_adapter, s_adapter.decoder_layers(student)[layer], m, pattern.n, pattern.m)
 report = sparsity_report(s_adapter, student)
 before = json.load(open(inp.sparsity))
 if report["expert_sparsity"] < before["expert_sparsity"]:
@@ -57,8 +54,8 @@ info = {
     "steps_per_epoch": record["steps_per_epoch"], "epochs": cfg.epochs, "samples": int(data.shape[0]),
     "seqlen": int(data.shape[1]), "tokens_per_epoch": int(data.numel()), "source": kd["source"], "split": "train",
     "config": record["config"], "expert_sparsity": report["expert_sparsity"], "expert_sparsity_before": before["expert_sparsity"],
-    "pattern": str(pattern) if pattern.is_nm else "unstructured", "final": record["history"][-1],
-    "environment": environment(device),
+    "pattern": pattern.kind, "final": record["history"][-1],
+    "environment": jobs.environment(device),
 }  # no wall times or resume points: a resumed run writes the same bytes as an uninterrupted one (they go to the log)
 with atomic_dir(out.checkpoint) as d:
     student.save_pretrained(d)

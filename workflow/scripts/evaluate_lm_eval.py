@@ -1,7 +1,7 @@
 """lm-evaluation-harness on one model in memory (dense, pruned, expert-pruned, skipping or distilled)."""
 import os
 
-from pruning.harness import LOCAL_TASKS
+from pruning.eval.lm_harness import LOCAL_TASKS
 
 p = snakemake.params
 if all(t in LOCAL_TASKS for t in p.lm_eval["tasks"]):  # nothing to download: never let `datasets` try the hub
@@ -10,28 +10,24 @@ if all(t in LOCAL_TASKS for t in p.lm_eval["tasks"]):  # nothing to download: ne
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from pruning import harness  # noqa: E402
+from pruning import jobs  # noqa: E402
 from pruning.atomic import write_json  # noqa: E402
-from pruning.checkpoint import load_model  # noqa: E402
-from pruning.env import environment, seed_everything  # noqa: E402
+from pruning.eval import lm_harness  # noqa: E402
+from pruning.experts.skipping import load_model, skip_rates  # noqa: E402
 from pruning.gpu_pool import claim_device  # noqa: E402
-from pruning.joblog import to_log, torch_dtype  # noqa: E402
-from pruning.skipping import skip_rates  # noqa: E402
 
-log = to_log(snakemake.log[0])
-cfg, m = p.lm_eval, p.model
-ckpt = p.get("checkpoint") or snakemake.input.checkpoint
-seed_everything(0, snakemake.threads)
-with claim_device(".gpu_pool") as device:
+cfg, m, ckpt = p.lm_eval, p.model, p.checkpoint
+log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
+with claim_device() as device:
     tok = AutoTokenizer.from_pretrained(ckpt)
-    model = load_model(ckpt, torch_dtype(m["dtype"]), device, m["trust_remote_code"])  # skips when config.betas is set
-    out = harness.evaluate(
+    model = load_model(ckpt, m["dtype"], device, m["trust_remote_code"])  # skips when config.betas is set
+    out = lm_harness.evaluate(
         model, tok, cfg["tasks"], task_dir=p.task_dir, num_fewshot=cfg["num_fewshot"], limit=cfg["limit"],
         batch_size=cfg["batch_size"], max_length=cfg["max_length"], bootstrap_iters=cfg["bootstrap_iters"], seed=cfg["seed"],
     )
     out["settings"] = cfg
     out["skipping"] = {str(k): v for k, v in skip_rates(model).items()}
-    out["environment"] = environment(device)
+    out["environment"] = jobs.environment(device)
 write_json(snakemake.output[0], out)
 for t, r in out["tasks"].items():
     log.info("%s: %s", t, {k: round(v, 4) for k, v in r.items() if isinstance(v, float)})

@@ -1,35 +1,31 @@
 """Expert search for one layer and kept count: NAEE's loss of every dropped set, and the baselines' choices."""
 from safetensors.torch import load_file
 
-from pruning.adapters import get_adapter
+from pruning import jobs
 from pruning.atomic import write_json
-from pruning.checkpoint import load_config, read_expert_weights, read_router_weight
-from pruning.env import environment, seed_everything
-from pruning.experts import (
-    BlockLoss, add_scores, method_scores, random_experts, routed_scores, search, top_experts,
-)
+from pruning.experts.baselines import add_scores, method_scores, random_experts, routed_scores, top_experts
+from pruning.experts.search import BlockLoss, search
 from pruning.gpu_pool import claim_device
-from pruning.joblog import to_log
+from pruning.models import get_adapter
+from pruning.models.checkpoint import load_config, read_experts, read_router_weight
+from pruning.moe import route_tokens
 
-log = to_log(snakemake.log[0])
 w, p = snakemake.wildcards, snakemake.params
 layer, keep = int(w.layer), int(w.keep)
-seed_everything(p.seed, snakemake.threads)
+log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 adapter = get_adapter(load_config(p.model_dir))
 E = adapter.num_experts
-with claim_device(".gpu_pool") as device:
+with claim_device() as device:
     x = load_file(snakemake.input.inputs)["hidden_states"].to(device)
-    gate_up, down = (t.to(device) for t in read_expert_weights(p.model_dir, adapter, layer))
+    experts = read_experts(p.model_dir, adapter, layer).to(device)
     router = read_router_weight(p.model_dir, adapter, layer).to(device)
-    act = adapter.activation()
-    per = p.seqlen * p.batch_size  # one calibration batch of sequences, as in NAEE
+    per = p.calib["seqlen"] * p.calib["batch_size"]  # one calibration batch of sequences, as in NAEE
     batches = [x[i : i + per] for i in range(0, x.shape[0], per)]
-    loss = BlockLoss(batches, router, gate_up, down, act, adapter.route_logits)  # targets: the unpruned block
+    loss = BlockLoss(batches, router, experts, adapter.route_logits)  # targets: the unpruned block
     res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"])
     sums = None
     for b in batches:  # the model's own routing (its dtype) and combine weights
-        idx, wts = adapter.route(router.to(b.dtype), b)
-        sums = add_scores(sums, routed_scores(b, idx, wts, gate_up, down, act))
+        sums = add_scores(sums, routed_scores(b, route_tokens(adapter.route_logits, router.to(b.dtype), b), experts))
     scores = method_scores(sums)
     chosen = {"naee": res["kept"], **{m: top_experts(scores[m], keep) for m in scores},
               "random": random_experts(E, keep, p.seed, layer)}
@@ -38,7 +34,7 @@ with claim_device(".gpu_pool") as device:
     missing = sorted({d for d in dropped.values() if d not in known})
     known.update(zip(missing, loss(missing)))
     target_norm = loss.target_norm
-    env = environment(device)
+    env = jobs.environment(device)
 write_json(snakemake.output[0], {
     "layer": layer, "keep": keep, "num_experts": E, "top_k": adapter.top_k, "calib_id": w.cid, "mode": "layerwise",
     "tokens": int(x.shape[0]), "batches": len(batches), "search": res["search"], "exhaustive": res["exhaustive"],

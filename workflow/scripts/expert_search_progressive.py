@@ -3,27 +3,24 @@ unpruned model; then run the pruned layer i to hand its output to layer i + 1.""
 import torch
 from safetensors.torch import load_file
 
-from pruning.adapters import get_adapter
+from pruning import jobs
 from pruning.atomic import save_safetensors, write_json
-from pruning.calibrate import ResidentSource, calibrate_layer, run_layer
-from pruning.checkpoint import load_model
-from pruning.env import environment, seed_everything
-from pruning.experts import BlockLoss, block_targets, search
+from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer
+from pruning.experts.search import BlockLoss, block_targets, search
 from pruning.gpu_pool import claim_device
-from pruning.joblog import to_log, torch_dtype
+from pruning.models import get_adapter
+from pruning.models.checkpoint import load_model
 
-log = to_log(snakemake.log[0])
 w, p, inp = snakemake.wildcards, snakemake.params, snakemake.input
-i, keep = int(w.layer), int(w.keep)
-seed_everything(0, snakemake.threads)
-with claim_device(".gpu_pool") as device:
-    model = load_model(p.model_dir, torch_dtype(p.model["dtype"]), device, p.model["trust_remote_code"])
+i, keep, bs = int(w.layer), int(w.keep), p.calib["batch_size"]
+log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
+with claim_device() as device:
+    model = load_model(p.model_dir, p.model["dtype"], device, p.model["trust_remote_code"])
     adapter = get_adapter(model.config)
-    E, bs = adapter.num_experts, p.batch_size
+    E = adapter.num_experts
     source = ResidentSource(model, adapter, device)
     if i == 0:
-        tokens = load_file(inp.tokens)["input_ids"]
-        hidden = torch.cat([source.embed(tokens[j : j + bs]) for j in range(0, tokens.shape[0], bs)])
+        hidden = embed(source, load_file(inp.tokens)["input_ids"], bs)
     else:
         hidden = load_file(inp.hidden)["hidden_states"].to(device)
     ctx = source.context(hidden.shape[1])
@@ -31,17 +28,17 @@ with claim_device(".gpu_pool") as device:
         _, x, _ = calibrate_layer(adapter, layer, hidden, ctx, bs)  # MoE inputs after the pruned layers < i
         x = x.to(device)
         dense = load_file(inp.dense_inputs)["hidden_states"].to(device)
-        ex, router = adapter.experts(layer), adapter.router(layer).weight
-        per = p.seqlen * bs
+        experts, router = adapter.expert_weights(layer), adapter.router_weight(layer)
+        per = p.calib["seqlen"] * bs  # one calibration batch of sequences, as in NAEE
         split = lambda t: [t[j : j + per] for j in range(0, t.shape[0], per)]  # noqa: E731
-        targets = block_targets(split(dense), router, ex.gate_up_proj, ex.down_proj, ex.act_fn, adapter.route_logits)
-        loss = BlockLoss(split(x), router, ex.gate_up_proj, ex.down_proj, ex.act_fn, adapter.route_logits, targets=targets)
+        targets = block_targets(split(dense), router, experts, adapter.route_logits)
+        loss = BlockLoss(split(x), router, experts, adapter.route_logits, targets=targets)
         with torch.no_grad():
             res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"])
         target_norm = loss.target_norm
         adapter.drop_experts(layer, res["kept"])
         out = run_layer(layer, hidden, ctx, bs)
-    env = environment(device)
+    env = jobs.environment(device)
 save_safetensors(snakemake.output.hidden, {"hidden_states": out.cpu()}, {"layer": i, "keep": keep, "mode": "progressive"})
 write_json(snakemake.output.search, {
     "layer": i, "keep": keep, "num_experts": E, "top_k": adapter.top_k, "calib_id": w.cid, "mode": "progressive",

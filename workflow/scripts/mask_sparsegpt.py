@@ -5,31 +5,27 @@ import json
 
 from safetensors.torch import load_file
 
-from pruning.adapters import get_adapter
+from pruning import jobs
 from pruning.atomic import save_safetensors
-from pruning.checkpoint import load_config, read_expert_weights, read_router_weight
-from pruning.env import seed_everything
 from pruning.gpu_pool import claim_device
-from pruning.hessian import route_all
-from pruning.joblog import to_log
-from pruning.masks import kept_fraction, mask_metadata, save_masks
-from pruning.params import parse_sparsity_token
-from pruning.prune import layer_sparsegpt
+from pruning.models import get_adapter
+from pruning.models.checkpoint import load_config, read_experts, read_router_weight
+from pruning.moe import route_tokens
+from pruning.weights.masks import kept_fraction, mask_metadata, save_masks
+from pruning.weights.pattern import Pattern
+from pruning.weights.prune import layer_sparsegpt
 
-log = to_log(snakemake.log[0])
-seed_everything(0, snakemake.threads)
-w, opts = snakemake.wildcards, snakemake.params.sparsegpt
-blocksize, percdamp = opts.get("blocksize", 128), opts.get("dampening", 0.01)
-layer, pattern = int(w.layer), parse_sparsity_token(w.sp)
-with claim_device(".gpu_pool") as device:
-    adapter = get_adapter(load_config(snakemake.params.model_dir))
-    gate_up, down = read_expert_weights(snakemake.params.model_dir, adapter, layer)
-    router = read_router_weight(snakemake.params.model_dir, adapter, layer).to(device)
+w, p = snakemake.wildcards, snakemake.params
+blocksize, percdamp = p.sparsegpt.get("blocksize", 128), p.sparsegpt.get("dampening", 0.01)
+layer, pattern = int(w.layer), Pattern.parse(w.sp)
+log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
+with claim_device() as device:
+    adapter = get_adapter(load_config(p.model_dir))
+    experts = read_experts(p.model_dir, adapter, layer).to(device)
+    router = read_router_weight(p.model_dir, adapter, layer).to(device)
     inputs = load_file(snakemake.input.inputs)["hidden_states"].to(device)
-    routing = route_all(lambda x: adapter.route(router.to(x.dtype), x), inputs)
-    masks, new, info = layer_sparsegpt(
-        w.method, pattern, gate_up.to(device), down.to(device), inputs, routing, adapter.activation(), blocksize, percdamp
-    )
+    routing = route_tokens(adapter.route_logits, router.to(inputs.dtype), inputs)
+    masks, new, info = layer_sparsegpt(w.method, pattern, experts, inputs, routing, blocksize, percdamp)
     if info["fallback_experts"]:
         log.warning("layer %d: experts %s got no calibration tokens; pruned by magnitude", layer, info["fallback_experts"])
     if info["max_damp"] > percdamp:

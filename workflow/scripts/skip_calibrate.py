@@ -6,11 +6,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from pruning import jobs
 from pruning.atomic import atomic_dir, write_json
-from pruning.joblog import to_log
-from pruning.skipping import BETAS_KEY, beta_from_stats
+from pruning.experts.skipping import BETAS_KEY, beta_from_stats
 
-log = to_log(snakemake.log[0])
+log = jobs.start(snakemake.log[0])
 p, out = snakemake.params, snakemake.output
 layers = {}
 for f in snakemake.input.stats:

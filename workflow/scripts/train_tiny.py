@@ -1,15 +1,16 @@
+"""The embedded default model: a BPE tokenizer and a tiny Mixtral trained on the corpus's train split."""
 import time
 
-from pruning import corpus, tiny
+from pruning import jobs
 from pruning.atomic import atomic_dir, write_json
-from pruning.data import tokenize_docs, windows
-from pruning.env import environment, seed_everything
-from pruning.evaluate import perplexity, unigram_perplexity
-from pruning.joblog import to_log
+from pruning.data import corpus
+from pruning.data.sources import tokenize_docs, windows
+from pruning.eval.perplexity import perplexity, unigram_perplexity
+from pruning.models import tiny
+from pruning.models.checkpoint import parameter_count
 
-log = to_log(snakemake.log[0])
+log = jobs.start(snakemake.log[0], snakemake.params.seed, snakemake.threads)
 p = snakemake.params.tiny
-seed_everything(snakemake.params.seed, snakemake.threads)
 corpus_dir = snakemake.input.corpus[0].rsplit("/", 1)[0]
 
 t0 = time.time()
@@ -37,10 +38,10 @@ write_json(
         "unigram_ppl": uni_ppl,
         "validation_windows": int(val.shape[0]),
         "seqlen": p["train"]["seqlen"],
-        "parameters": sum(t.numel() for t in model.parameters()),
+        "parameters": parameter_count(model),
         "train_tokens": p["train"]["steps"] * p["train"]["batch_size"] * p["train"]["seqlen"],
         "train_seconds": train_seconds,
         "history": history,
-        "environment": environment("cpu"),
+        "environment": jobs.environment("cpu"),
     },
 )

@@ -2,10 +2,10 @@
 import shutil
 from pathlib import Path
 
+from pruning import jobs
 from pruning.atomic import atomic_path, write_text
-from pruning.joblog import to_log
 
-log = to_log(snakemake.log[0])
+log = jobs.start(snakemake.log[0])
 block = snakemake.params.block
 BEGIN, END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
 inp, out = snakemake.input, snakemake.output

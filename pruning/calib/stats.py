@@ -1,0 +1,78 @@
+"""Per-layer calibration statistics of an MoE block, accumulated in float32 over routed tokens.
+
+Per expert e (R_e = tokens routed to e, g_t = the combine weight the block applies to e's output):
+  count[e]            |R_e|
+  gate_up.sum_x2[e]   sum_{t in R_e} x_t^2              (H,)  input of gate_up_proj      (Wanda)
+  gate_up.sum_gx2[e]  sum_{t in R_e} (g_t x_t)^2        (H,)                             (MoE-Pruner)
+  down.sum_x2[e]      sum_{t in R_e} h_t^2              (I,)  h = SwiGLU intermediate = input of down_proj
+  down.sum_gx2[e]     sum_{t in R_e} (g_t h_t)^2        (I,)
+Per layer (router): selection count per expert, top-1 count, mean combine weight over routed tokens,
+and quantiles of the second/first top-k weight ratio (top_k >= 2).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..moe import Routing
+
+RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+class LayerStats:
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, device="cpu"):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+        self.t = {
+            "count": torch.zeros(num_experts, dtype=torch.int64, device=device),
+            "gate_up.sum_x2": z(num_experts, hidden),
+            "gate_up.sum_gx2": z(num_experts, hidden),
+            "down.sum_x2": z(num_experts, intermediate),
+            "down.sum_gx2": z(num_experts, intermediate),
+            "router.top1_count": torch.zeros(num_experts, dtype=torch.int64, device=device),
+            "router.sum_weight": z(num_experts),
+        }
+        self._ratios: list[torch.Tensor] = []
+
+    def add_expert(self, e: int, x: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None) -> None:
+        """x (n, H) routed inputs, g (n,) their combine weights, h (n, I) the SwiGLU intermediate."""
+        n = x.shape[0]
+        self.t["count"][e] += n
+        if n == 0:
+            return
+        x, h, g = x.float(), h.float(), g.float()[:, None]
+        self.t["gate_up.sum_x2"][e] += (x * x).sum(0)
+        self.t["gate_up.sum_gx2"][e] += ((g * x) ** 2).sum(0)
+        self.t["down.sum_x2"][e] += (h * h).sum(0)
+        self.t["down.sum_gx2"][e] += ((g * h) ** 2).sum(0)
+        self.t["router.sum_weight"][e] += g.sum()
+
+    def add_routing(self, routing: Routing) -> None:
+        """One experts-module call's routing (index, weights: (T, k))."""
+        w = routing.weights.float()
+        first = w.argmax(dim=-1)
+        top1 = routing.index.gather(1, first[:, None])[:, 0]
+        self.t["router.top1_count"] += torch.bincount(top1, minlength=self.t["count"].numel())[: self.t["count"].numel()]
+        if w.shape[1] >= 2:
+            top2 = torch.topk(w, 2, dim=-1).values
+            self._ratios.append((top2[:, 1] / top2[:, 0]).cpu())
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        out = {k: v.cpu() for k, v in self.t.items()}
+        count = out["count"].clamp(min=1).float()
+        out["router.mean_weight"] = out.pop("router.sum_weight") / count
+        out["router.selection_count"] = out["count"].clone()
+        q = torch.tensor(RATIO_QUANTILES, dtype=torch.float64)
+        if self._ratios:
+            out["router.ratio_quantiles"] = torch.quantile(torch.cat(self._ratios).double(), q).float()
+        else:
+            out["router.ratio_quantiles"] = torch.full((len(q),), float("nan"))
+        out["router.ratio_levels"] = q.float()
+        return out
+
+
+def channel_outlier_ratio(sum_x2: torch.Tensor) -> float:
+    """Largest over median input-channel norm, sqrt(sum over experts and routed tokens of x_j^2): (E, H) -> scalar.
+
+    Near 1: no outlier features, so activation-aware scores (Wanda, MoE-Pruner) rank weights almost like magnitude.
+    """
+    norms = sum_x2.double().sum(0).sqrt()
+    return float(norms.max() / norms.median())

@@ -1,0 +1,209 @@
+"""Expert-wise knowledge distillation (MoE-Pruner §3.3): the pruned student learns from the unpruned teacher
+with its masks held fixed.
+
+    L = L_CE + λ · L_expert          (L_expert: ``pruning.distill.loss``)
+
+L_CE is the student's next-token loss. λ is L_CE / L_expert on the first micro-batch unless fixed. All student
+parameters train; after every optimiser step every pruned position is zero again (its gradient is masked too,
+so AdamW's moments stay zero there). The run is resumable (``pruning.distill.state``) and a resumed run ends
+with the same weights as an uninterrupted one (bitwise on CPU with deterministic algorithms).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .loss import MoECapture, expert_loss
+from .state import latest_state, load_state, save_state
+
+# Columns of a run's history.csv (one row per optimiser step).
+HISTORY_FIELDS = ["step", "epoch", "lr", "loss", "ce_loss", "expert_loss", "weighted_expert_loss", "grad_norm"]
+
+EXPERT_INPUTS = ("teacher", "student")
+EXPERT_TOKENS = ("teacher_routed", "all")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    epochs: int = 3
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lambda_: float | None = None  # None: L_CE / L_expert on the first micro-batch
+    expert_inputs: str = "teacher"
+    expert_tokens: str = "teacher_routed"
+    checkpoint_every: int = 50
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, p: dict, seed: int) -> "KDConfig":
+        keys = {f for f in cls.__dataclass_fields__ if f not in ("lambda_", "seed")}
+        return cls(**{k: p[k] for k in keys if k in p}, lambda_=p.get("lambda"), seed=seed)
+
+    def __post_init__(self):
+        if self.expert_inputs not in EXPERT_INPUTS:
+            raise ValueError(f"expert_inputs {self.expert_inputs!r}: allowed {', '.join(EXPERT_INPUTS)}")
+        if self.expert_tokens not in EXPERT_TOKENS:
+            raise ValueError(f"expert_tokens {self.expert_tokens!r}: allowed {', '.join(EXPERT_TOKENS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: allowed {', '.join(PRECISIONS)}")
+
+
+# -- fixed masks ----------------------------------------------------------------------------------------
+
+
+class FixedMasks:
+    """The pruned positions of every expert matrix, kept at zero: gradients masked, weights re-zeroed."""
+
+    def __init__(self, adapter, model, masks: dict[int, dict[str, torch.Tensor]]):
+        self.pairs = []
+        for layer, m in sorted(masks.items()):
+            for name, p in adapter.expert_params(adapter.decoder_layers(model)[layer]).items():
+                if m[name].shape != p.shape:
+                    raise ValueError(f"layer {layer} {name}: mask {tuple(m[name].shape)} vs weight {tuple(p.shape)}")
+                self.pairs.append((layer, name, p, m[name].to(p.device)))
+
+    def mask_grads(self) -> None:
+        for _, _, p, m in self.pairs:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for _, _, p, m in self.pairs:
+            p.mul_(m)
+
+    def violations(self) -> int:
+        """Pruned positions that are not exactly zero."""
+        return sum(int((p.detach()[~m] != 0).sum()) for _, _, p, m in self.pairs)
+
+
+# -- schedule and data order ----------------------------------------------------------------------------
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int = 0) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_per_epoch(samples: int, cfg: KDConfig) -> int:
+    return samples // (cfg.batch_size * cfg.grad_accum)
+
+
+def micro_batches(step: int, samples: int, cfg: KDConfig) -> tuple[int, list[torch.Tensor]]:
+    """(epoch, sample indices of each micro-batch) of optimiser step ``step``: a seeded permutation per epoch,
+    so the data position is a function of the step alone."""
+    spe = steps_per_epoch(samples, cfg)
+    epoch, within = divmod(step, spe)
+    perm = torch.randperm(samples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    per_step = cfg.batch_size * cfg.grad_accum
+    chunk = perm[within * per_step : (within + 1) * per_step]
+    return epoch, list(chunk.split(cfg.batch_size))
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+def _autocast(device: str, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    if bf16:
+        return torch.autocast(device_type=str(device).split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def distill(student, teacher, s_adapter, t_adapter, masks: dict, data: torch.Tensor, cfg: KDConfig, *,
+            device="cpu", state_dir=None, fingerprint: str = "", progress: bool = True, log=None,
+            on_checkpoint=None) -> dict:
+    """Train ``student`` in place on ``data`` (n, seqlen) token windows; returns the run record (λ, history).
+
+    ``masks[layer]`` = {"gate_up_proj", "down_proj"} bool keep-masks of the student's expert weights. With
+    ``state_dir`` the run writes resumable states there and starts from the newest matching one.
+    ``on_checkpoint(step)`` is called after each state is written (tests use it to stop a run)."""
+    n = data.shape[0]
+    spe = steps_per_epoch(n, cfg)
+    if spe < 1:
+        raise ValueError(f"{n} samples do not fill one step of batch_size x grad_accum = {cfg.batch_size * cfg.grad_accum}")
+    total = spe * cfg.epochs
+    teacher.eval().requires_grad_(False)
+    student.train()
+    fixed = FixedMasks(s_adapter, student, masks)
+    fixed.apply()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    record = {"fingerprint": fingerprint, "lambda": cfg.lambda_, "lambda_source": "fixed" if cfg.lambda_ is not None else None,
+              "history": [], "config": asdict(cfg), "total_steps": total, "steps_per_epoch": spe}
+    start = 0
+    resumed = latest_state(state_dir, fingerprint) if state_dir else None
+    if resumed is not None:
+        record = load_state(resumed, student, opt)
+        start = record["step"]
+        if log:
+            log.info("resumed from %s (step %d of %d)", resumed, start, total)
+    t_cap, s_cap = MoECapture(t_adapter, teacher), MoECapture(s_adapter, student)
+    bar = range(start, total)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, total=total, initial=start, desc="distill", unit="step", mininterval=2)
+    t0 = time.time()
+    for step in bar:
+        lr = cosine_lr(step, total, cfg.lr, cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        epoch, batches = micro_batches(step, n, cfg)
+        opt.zero_grad(set_to_none=True)
+        ce_sum = exp_sum = 0.0
+        for idx in batches:
+            ids = data[idx].to(device)
+            with _autocast(device, cfg.precision):
+                with torch.no_grad(), t_cap():
+                    teacher.base_model(input_ids=ids)
+                with s_cap():
+                    ce = student(input_ids=ids, labels=ids).loss
+                # with λ fixed at 0 (the CE-only control) the term is only logged: no graph, no backward through it
+                with torch.no_grad() if record["lambda"] == 0 else contextlib.nullcontext():
+                    l_exp, _ = expert_loss(t_adapter, teacher, s_adapter, student, t_cap, s_cap,
+                                           cfg.expert_inputs, cfg.expert_tokens)
+            if record["lambda"] is None:  # λ = L_CE / L_expert at the first step: both terms start equal
+                e = l_exp.item()
+                record["lambda"], record["lambda_source"] = (ce.item() / e if e > 0 else 0.0), "initial L_CE / L_expert"
+            loss = (ce + record["lambda"] * l_exp) / len(batches)
+            loss.backward()
+            ce_sum += ce.item() / len(batches)
+            exp_sum += l_exp.item() / len(batches)
+        fixed.mask_grads()
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+        fixed.apply()
+        row = {"step": step + 1, "epoch": epoch, "lr": lr, "ce_loss": ce_sum, "expert_loss": exp_sum,
+               "weighted_expert_loss": record["lambda"] * exp_sum, "loss": ce_sum + record["lambda"] * exp_sum,
+               "grad_norm": grad_norm}
+        record["history"].append(row)
+        if progress:
+            bar.set_postfix(ce=f"{ce_sum:.3f}", expert=f"{exp_sum:.3g}", lam=f"{record['lambda']:.3g}")
+        done = step + 1
+        if state_dir and (done % cfg.checkpoint_every == 0) and done < total:
+            save_state(state_dir, done, student, opt, record)
+            if on_checkpoint:
+                on_checkpoint(done)
+    student.eval()
+    violations = fixed.violations()
+    if violations:
+        raise AssertionError(f"{violations} pruned positions are not zero after distillation")
+    record["seconds_this_run"] = time.time() - t0
+    record["resumed_from_step"] = start
+    return record

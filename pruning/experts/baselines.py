@@ -1,0 +1,61 @@
+"""Expert-pruning baselines: score each expert from its routed tokens in the unpruned model, keep the r best.
+
+  frequency  number of tokens that select the expert (top-k selection count)
+  reap       mean over routed tokens of g * ||f(x)||   (g = the model's own combine weight; REAP)
+  ean        sum over routed tokens of ||f(x)||          (expert activation norm; EAN)
+  random     a seeded random subset
+
+Ties are broken towards the lower expert index, so results never depend on sort stability.
+"""
+from __future__ import annotations
+
+import random as _random
+from typing import Sequence
+
+import torch
+
+from ..moe import Experts, Routing
+
+
+def routed_scores(x: torch.Tensor, routing: Routing, experts: Experts) -> dict:
+    """Per-expert sums over the routed tokens of MoE-block inputs x (T, H), float64: count, sum g, sum ||f||,
+    sum g*||f||."""
+    ex = experts.to(torch.float64)
+    x = x.to(torch.float64)
+    out = {k: torch.zeros(ex.num_experts, dtype=torch.float64) for k in ("count", "sum_g", "sum_norm", "sum_g_norm")}
+    for e in range(ex.num_experts):
+        token, g = routing.tokens_of(e)
+        if token.numel() == 0:
+            continue
+        norm = torch.linalg.vector_norm(ex.output(e, x[token]), dim=-1)
+        g = g.to(torch.float64)
+        out["count"][e] += token.numel()
+        out["sum_g"][e] += g.sum()
+        out["sum_norm"][e] += norm.sum()
+        out["sum_g_norm"][e] += (g * norm).sum()
+    return out
+
+
+def add_scores(acc: dict | None, new: dict) -> dict:
+    return new if acc is None else {k: acc[k] + new[k] for k in acc}
+
+
+def method_scores(sums: dict) -> dict[str, list[float]]:
+    """Scores of the score baselines from accumulated sums (higher = more important)."""
+    count = sums["count"]
+    return {
+        "frequency": count.tolist(),
+        "reap": torch.where(count > 0, sums["sum_g_norm"] / count.clamp(min=1), torch.zeros_like(count)).tolist(),
+        "ean": sums["sum_norm"].tolist(),
+    }
+
+
+def top_experts(scores: Sequence[float], keep: int) -> list[int]:
+    """The ``keep`` highest-scoring experts (ties: lower index first), ascending."""
+    order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
+    return sorted(order[:keep])
+
+
+def random_experts(num_experts: int, keep: int, seed: int, layer: int) -> list[int]:
+    """A seeded random subset, independent per layer."""
+    return sorted(_random.Random(f"{seed}:{layer}").sample(range(num_experts), keep))

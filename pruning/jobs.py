@@ -1,0 +1,72 @@
+"""Job plumbing shared by the workflow scripts: send all output to the rule's log file, seed and pin the
+threads, record the environment (package versions, device) beside the results."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import sys
+from importlib import metadata
+
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "snakemake", "dvc", "lm-eval", "datasets")
+
+
+def to_log(path) -> logging.Logger:
+    """Redirect stdout/stderr (Python and C level, so tqdm and warnings too) to ``path``."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fh = open(path, "a", buffering=1)
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        sys.stdout = sys.stderr = fh
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    return logging.getLogger("pruning")
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed Python, NumPy and torch, deterministic algorithms, no TF32; pin torch's threads to the job's."""
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def start(log_path, seed: int | None = None, threads: int | None = None) -> logging.Logger:
+    """The first line of every job: its output to the log file, then (for jobs that compute) seeding."""
+    log = to_log(log_path)
+    if seed is not None:
+        seed_everything(seed, threads)
+    return log
+
+
+def environment(device: str = "cpu") -> dict:
+    import torch
+
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return info

@@ -1,0 +1,161 @@
+"""Finding, checking, reading and loading HF checkpoints (local directory or hub id), safetensors only, and
+their sizes. Per-layer jobs read only the tensors they need from the shards; ``load_model`` loads a whole model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+
+MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+class ModelPathError(ValueError):
+    pass
+
+
+def resolve_dir(name_or_path: str, trust_remote_code: bool = False) -> Path:
+    """A local checkpoint directory for a path or a hub id (from the HF cache, or downloaded when online)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        raise ModelPathError(f"model.name_or_path: {name_or_path!r} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        )
+    except Exception as exc:  # offline, unknown id, gated
+        raise ModelPathError(
+            f"model.name_or_path: {name_or_path!r} is neither a local directory nor a reachable hub id ({type(exc).__name__})"
+        ) from None
+
+
+def read_config(model_dir: Path) -> dict:
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        raise ModelPathError(f"model.name_or_path: no config.json in {model_dir}")
+    return json.loads(cfg.read_text())
+
+
+def check_moe_config(config: dict) -> None:
+    """One clear error for a dense model or an unsupported architecture."""
+    if not any(config.get(k) for k in MOE_EXPERT_KEYS):
+        raise UnsupportedModelError(
+            f"model.name_or_path: model_type {config.get('model_type')!r} is a dense (non-MoE) model; "
+            f"an MoE checkpoint is required ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    get_adapter(config)
+
+
+def load_config(model_dir):
+    """config.json as attributes, without importing transformers (per-layer jobs stay light)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**read_config(Path(model_dir)))
+
+
+def torch_dtype(name) -> torch.dtype:
+    """params.yaml's dtype name ('float32', 'bfloat16', 'float16') as a torch dtype (a torch dtype passes)."""
+    if isinstance(name, torch.dtype):
+        return name
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(model_dir, dtype="float32", device="cpu", trust_remote_code: bool = False):
+    """Whole model, safetensors only, sdpa attention and the eager experts loop (observers see real calls)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=torch_dtype(dtype),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa",
+        experts_implementation="eager",
+    )
+    return model.to(device).eval()
+
+
+def _weight_map(model_dir: Path) -> dict[str, str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise ModelPathError(f"model.name_or_path: no safetensors weights in {model_dir}")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def read_tensors(model_dir, keys) -> dict[str, torch.Tensor]:
+    """Read only ``keys`` from the checkpoint's shards (never the whole model)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    wmap = _weight_map(model_dir)
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(wmap[k], []).append(k)
+    out = {}
+    for fname, ks in sorted(by_file.items()):
+        with safe_open(str(model_dir / fname), framework="pt") as f:
+            for k in ks:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def read_expert_weights(model_dir, adapter, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's fused expert weights (gate_up (E, 2I, H), down (E, H, I)) read from the shards."""
+    model_dir = Path(model_dir)
+    wmap = _weight_map(model_dir)
+    keys = adapter.expert_weight_keys(layer)
+    if all(k in wmap for k in keys["fused"]):
+        t = read_tensors(model_dir, keys["fused"])
+        return t[keys["fused"][0]], t[keys["fused"][1]]
+    if all(k in wmap for k in keys["per_expert"]):
+        return adapter.stack_per_expert(read_tensors(model_dir, keys["per_expert"]), layer)
+    raise ModelPathError(f"{model_dir}: layer {layer} expert weights not found under known key layouts")
+
+
+def read_router_weight(model_dir, adapter, layer: int) -> torch.Tensor:
+    """One layer's router weight (E, H) read from the shards."""
+    model_dir = Path(model_dir)
+    wmap = _weight_map(model_dir)
+    for key in adapter.router_weight_keys(layer):
+        if key in wmap:
+            return read_tensors(model_dir, [key])[key]
+    raise ModelPathError(f"{model_dir}: layer {layer} router weight not found under known key layouts")
+
+
+def read_experts(model_dir, adapter, layer: int):
+    """One layer's experts as ``moe.Experts`` (with the family's activation), from the shards."""
+    from ..moe import Experts
+
+    return Experts(*read_expert_weights(model_dir, adapter, layer), adapter.activation())
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tensor_bytes(checkpoint_dir) -> int:
+    """Bytes of tensor data in a checkpoint's safetensors files (from their headers; no tensor is read)."""
+    total = 0
+    for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def file_bytes(checkpoint_dir) -> int:
+    """Bytes on disk of a checkpoint's safetensors files (tensor data plus headers)."""
+    return sum(f.stat().st_size for f in Path(checkpoint_dir).glob("*.safetensors"))

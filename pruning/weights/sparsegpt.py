@@ -1,0 +1,96 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning of one matrix with OBS weight updates.
+
+Given W (out, in) and the Hessian H (in, in) of its inputs, columns are eliminated left to right. With U the
+upper Cholesky factor of H^-1, row i of U is the inverse Hessian of the columns not yet eliminated (i..in-1),
+scaled by 1/sqrt of its diagonal, so for column i the OBS step is
+
+    err = (w_i - q_i) / U_ii        W[:, i:] -= err (x) U[i, i:]
+
+where q_i is column i with its pruned entries zeroed: pruned weights become exactly 0 and the surviving
+weights of later columns absorb the error. Columns go in blocks of ``blocksize``; updates inside a block are
+applied at once per column, and the block's accumulated errors reach the later columns in one matrix product
+(lazy batch update).
+
+Mask selection is adaptive, from the current (already updated) weights, with saliency w^2 / U_jj^2:
+  unstructured  per block of columns, the floor(s * rows * block) lowest saliencies of the whole block
+                (comparison group = all rows x the block, so rows end with different sparsities);
+                ties go to the lower flat index (stable sort), so the count is exact.
+  N:M           at the first column of every group of M, the N lowest saliencies of each row's group.
+
+Details that follow the reference implementation: the Hessian is float32 (float64 on request); an input
+column that never fires (H_jj = 0) gets H_jj = 1 and its weights are zeroed; dampening adds
+``percdamp * mean(diag H)`` to the diagonal. If the Cholesky factorisation still fails, the dampening is
+raised tenfold (with a logged warning) until it succeeds.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .pattern import Pattern
+
+log = logging.getLogger(__name__)
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float, max_tries: int = 8):
+    """Upper Cholesky factor of (H + damp I)^-1, raising damp tenfold on failure. Returns (U, damp fraction)."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = torch.diag(h).mean()
+    frac = percdamp
+    for attempt in range(max_tries):
+        lower, info = torch.linalg.cholesky_ex(h + frac * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, frac
+        log.warning("SparseGPT: Cholesky failed at dampening %.3g of the mean diagonal; retrying at %.3g", frac, frac * 10)
+        frac *= 10
+    raise RuntimeError(f"SparseGPT: Cholesky failed even at dampening {frac / 10:.3g} of the mean diagonal")
+
+
+@torch.no_grad()
+def sparsegpt(
+    weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int = 128, percdamp: float = 0.01,
+    dtype=torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Prune ``weight`` (out, in). Returns (updated weight in the input dtype, keep mask (bool), info)."""
+    rows, cols = weight.shape
+    if pattern.is_nm and (cols % pattern.m or blocksize % pattern.m):
+        raise ValueError(f"N:M needs M={pattern.m} to divide the input dimension {cols} and the block size {blocksize}")
+    w = weight.to(dtype).clone()
+    h = hessian.to(dtype=dtype, device=w.device).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    u, damp = _inverse_cholesky_upper(h, percdamp)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    loss = torch.zeros((), dtype=dtype, device=w.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        wb, ub = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        diag2 = torch.diag(ub) ** 2
+        errs = torch.zeros_like(wb)
+        pruned = torch.zeros_like(wb, dtype=torch.bool)
+        if not pattern.is_nm:
+            k = int(pattern.sparsity * wb.numel())
+            if k:
+                order = torch.sort((wb**2 / diag2).flatten(), stable=True).indices[:k]
+                pruned.view(-1)[order] = True
+        for j in range(i2 - i1):
+            if pattern.is_nm and j % pattern.m == 0:
+                sal = wb[:, j : j + pattern.m] ** 2 / diag2[j : j + pattern.m]
+                low = torch.sort(sal, dim=1, stable=True).indices[:, : pattern.n]
+                pruned[:, j : j + pattern.m].scatter_(1, low, True)
+            col = wb[:, j]
+            q = torch.where(pruned[:, j], torch.zeros_like(col), col)
+            err = (col - q) / ub[j, j]
+            loss += ((col - q) ** 2).sum() / diag2[j] / 2
+            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
+            wb[:, j] = q
+            errs[:, j] = err
+        w[:, i1:i2] = wb
+        w[:, i2:] -= errs @ u[i1:i2, i2:]
+        keep[:, i1:i2] = ~pruned
+    info = {"damp": damp, "dead_columns": int(dead.sum()), "obs_loss": float(loss)}
+    return w.to(weight.dtype), keep, info

@@ -1,0 +1,59 @@
+"""What pruning produced, measured: achieved sparsity of every expert matrix, and exact N:M checks."""
+from __future__ import annotations
+
+import torch
+
+
+def _frac_zero(t: torch.Tensor) -> float:
+    return (t == 0).sum().item() / t.numel()
+
+
+@torch.no_grad()
+def sparsity_report(adapter, model) -> dict:
+    """Achieved sparsity per matrix (gate, up, down) of every expert, per layer and over all experts.
+
+    Router, attention, norms and embeddings are not pruned; their sparsity is reported as a check.
+    """
+    layers, zeros, total = {}, 0, 0
+    for i in adapter.moe_layer_indices():
+        layer = adapter.decoder_layers(model)[i]
+        ex = adapter.expert_weights(layer)
+        inter = ex.intermediate_size
+        per_expert = []
+        for e in range(ex.num_experts):
+            gu, dn = ex.gate_up[e], ex.down[e]
+            per_expert.append({"gate": _frac_zero(gu[:inter]), "up": _frac_zero(gu[inter:]), "down": _frac_zero(dn)})
+        z = int((ex.gate_up == 0).sum() + (ex.down == 0).sum())
+        n = ex.gate_up.numel() + ex.down.numel()
+        zeros, total = zeros + z, total + n
+        layers[str(i)] = {"experts": per_expert, "layer": z / n, "router": _frac_zero(adapter.router_weight(layer))}
+    other = [p for n, p in model.named_parameters() if "experts" not in n]
+    other_zero = sum(int((p == 0).sum()) for p in other) / max(1, sum(p.numel() for p in other))
+    return {"expert_sparsity": zeros / total, "layers": layers, "non_expert_sparsity": other_zero}
+
+
+def nm_zero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Zeros in every group of M consecutive input weights of every row: (..., rows, cols // M)."""
+    rows, cols = weight.shape[-2:]
+    return (weight.reshape(-1, rows, cols // m, m) == 0).sum(-1)
+
+
+def check_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> None:
+    """Exact N:M: the mask prunes exactly N of every M, every pruned weight is 0, and every group holds exactly
+    N zeros unless a kept weight is itself 0 (a dead input column zeroed by SparseGPT, or a zero in the base)."""
+    rows, cols = mask.shape[-2:]
+    pruned = (~mask).reshape(-1, rows, cols // m, m).sum(-1)
+    if not bool((pruned == n).all()):
+        raise AssertionError(f"mask does not prune exactly {n} of every {m}")
+    if bool((weight[~mask] != 0).any()):
+        raise AssertionError("a pruned weight is not zero")
+    zeros = nm_zero_counts(weight, m)
+    kept_zero = nm_zero_counts(torch.where(mask, weight, torch.ones_like(weight)), m)
+    if not bool((zeros == n + kept_zero).all()):
+        raise AssertionError(f"a group of {m} does not hold exactly {n} pruned zeros")
+
+
+def check_layer_nm(adapter, layer, masks: dict[str, torch.Tensor], n: int, m: int) -> None:
+    """``check_nm`` on both fused expert matrices of one layer."""
+    for name, param in adapter.expert_params(layer).items():
+        check_nm(param.detach(), masks[name], n, m)
