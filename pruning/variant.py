@@ -37,6 +37,12 @@ from .weights.pattern import Pattern
 
 RESULTS = "results"
 
+
+def model_root(model: str) -> str:
+    """Where everything of one model lives: results/<model>."""
+    return f"{RESULTS}/{model}"
+
+
 # What a model's directory holds, by name (the rules write these files, the report reads them).
 FILES = {
     "checkpoint": "checkpoint",            # a standard HF checkpoint (every model but the input one)
@@ -141,7 +147,7 @@ class Variant:
 
     @property
     def dir(self) -> str:
-        return f"{RESULTS}/{self.model}/{self.path}"
+        return f"{model_root(self.model)}/{self.path}"
 
     def file(self, name: str) -> str:
         """A file of this model's directory, by its ``FILES`` name ('ppl', 'sparsity', ...)."""

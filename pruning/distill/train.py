@@ -20,9 +20,6 @@ import torch
 from .loss import MoECapture, expert_loss
 from .state import latest_state, load_state, save_state
 
-# Columns of a run's history.csv (one row per optimiser step).
-HISTORY_FIELDS = ["step", "epoch", "lr", "loss", "ce_loss", "expert_loss", "weighted_expert_loss", "grad_norm"]
-
 EXPERT_INPUTS = ("teacher", "student")
 EXPERT_TOKENS = ("teacher_routed", "all")
 PRECISIONS = ("auto", "fp32", "bf16")

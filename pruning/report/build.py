@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_json, write_text
 from ..calib.stats import channel_outlier_ratio
+from ..distill import HISTORY_FIELDS
 from ..methods import TUNES
 from ..sweep import Sweep
 from . import plots, tables
@@ -125,8 +126,6 @@ def build(config: dict, out, *, lm_eval: bool, calib_stats: list[str], base_repo
     """Read the run's outputs and write every report file. ``out``: the output paths by name (see
     workflow/rules/report.smk); ``calib_stats``: the dense model's per-layer calibration statistics."""
     from safetensors.torch import load_file
-
-    from ..distill.train import HISTORY_FIELDS
 
     results = load(Sweep(config), lm_eval, read_json(lm_tasks) if lm_tasks else None)
     outliers = [channel_outlier_ratio(load_file(f)["gate_up.sum_x2"]) for f in calib_stats]

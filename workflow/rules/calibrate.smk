@@ -1,6 +1,5 @@
 # Calibration. The cache of a base model is keyed by what determines it (calibration set id = source, nsamples,
 # seqlen, seed), so changing only the method or the sparsity never recomputes it.
-RUN_LAYERS = ("calib/stream", "calib/stats", "moe", "models/adapter", "models/mixtral", "models/checkpoint", "jobs", "gpu_pool", "atomic")
 
 
 rule calibrate:
@@ -8,7 +7,7 @@ rule calibrate:
     input:
         model=base_inputs,
         corpus=corpus_inputs(),
-        code=pkg(*RUN_LAYERS, "data/sources", "data/corpus"),
+        code=pkg(*MODEL_CODE, "calib/stream", "calib/stats", "data/sources", "data/corpus"),
     output:
         tokens=tokens_file("{base}", "{cid}"),
         stats=expand(calib_file("{base}", "{cid}", "stats"), layer=LAYERS, allow_missing=True),
@@ -37,7 +36,7 @@ rule calibrate_sequential:
     input:
         unpack(previous_layer),
         model=base_inputs,
-        code=pkg(*RUN_LAYERS, "weights/assemble", "weights/masks", "weights/pattern"),
+        code=pkg(*MODEL_CODE, "calib/stream", "calib/stats", "weights/assemble", "weights/masks", "weights/pattern"),
     output:
         hidden=seq_file(VARIANT.dir, "hidden"),
         stats=seq_file(VARIANT.dir, "stats"),

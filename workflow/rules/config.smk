@@ -50,6 +50,10 @@ DISTILL_TRAINING = {k: v for k, v in config["distill"].items() if k not in ("met
 README_BLOCK = config["report"].get("readme_block", "results")
 
 
+# Library modules most jobs run: the family adapters, checkpoints, the MoE primitives and the job plumbing.
+MODEL_CODE = ("models/__init__", "models/adapter", "models/mixtral", "models/checkpoint", "moe", "jobs", "gpu_pool", "atomic")
+
+
 def pkg(*modules):
     """Library modules a rule's result depends on (Snakemake does not track imported code itself).
 

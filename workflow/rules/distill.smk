@@ -13,9 +13,8 @@ rule distill:
         sparsity=VARIANT.file("sparsity"),
         teacher=model_inputs(),
         corpus=corpus_inputs(),
-        code=pkg("distill/train", "distill/loss", "distill/state", "models/checkpoint", "models/adapter",
-                 "models/mixtral", "moe", "experts/removal", "weights/sparsity", "weights/masks", "weights/pattern",
-                 "data/sources", "data/corpus", "variant", "jobs", "gpu_pool", "atomic"),
+        code=pkg(*MODEL_CODE, "distill/train", "distill/loss", "distill/state", "experts/removal", "weights/sparsity",
+                 "weights/masks", "weights/pattern", "data/sources", "data/corpus"),
     output:
         checkpoint=directory(TUNED.file("checkpoint")),
         history=TUNED.file("history"),

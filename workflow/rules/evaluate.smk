@@ -1,7 +1,5 @@
 # Evaluation of every model by one rule each, whatever made it (full, expert-pruned, skipping, weight-pruned,
 # distilled: ``{mdl}`` is its Variant id), and the block-error diagnostic of the weight-pruned ones.
-LOAD_MODEL = ("models/checkpoint", "models/adapter", "models/mixtral", "moe", "experts/skipping", "experts/removal",
-              "variant", "jobs", "gpu_pool", "atomic")
 
 
 rule evaluate_ppl:
@@ -10,7 +8,8 @@ rule evaluate_ppl:
     input:
         checkpoint=checkpoint_inputs,
         corpus=corpus_inputs(),
-        code=pkg(*LOAD_MODEL, "eval/perplexity", "eval/usage", "data/sources", "data/corpus"),
+        code=pkg(*MODEL_CODE, "experts/skipping", "experts/removal", "eval/perplexity", "eval/usage", "data/sources",
+                 "data/corpus"),
     output:
         f"{ANY}/eval/{{ds}}.json",
     log:
@@ -36,8 +35,7 @@ rule block_error:
         unpack(layer_files),
         inputs=lambda w: [moe_inputs_file(w, i) for i in LAYERS],
         model=base_inputs,
-        code=pkg("eval/block_error", "moe", "models/checkpoint", "models/adapter", "models/mixtral", "weights/masks",
-                 "weights/pattern", "jobs", "atomic"),
+        code=pkg(*MODEL_CODE, "eval/block_error", "weights/masks", "weights/pattern"),
     output:
         VARIANT.file("block_error"),
     log:

@@ -2,7 +2,6 @@
 # and dynamic-skipping calibration.
 DENSE_INPUTS = calib_file("full", "{cid}", "inputs")
 SEARCH_PARAMS = {k: config["experts"][k] for k in ("max_subsets", "beam_width")}  # not the method/keep lists
-SEARCH_CODE = ("experts/search", "moe", "models/checkpoint", "models/adapter", "models/mixtral", "jobs", "gpu_pool", "atomic")
 
 
 rule expert_search:
@@ -11,7 +10,7 @@ rule expert_search:
     input:
         inputs=DENSE_INPUTS,
         model=model_inputs(),
-        code=pkg(*SEARCH_CODE, "experts/baselines"),
+        code=pkg(*MODEL_CODE, "experts/search", "experts/baselines"),
     output:
         f"{SEARCH}/layer_{{layer}}.json",
     log:
@@ -49,7 +48,7 @@ rule expert_search_progressive:
     input:
         unpack(progressive_previous),
         model=model_inputs(),
-        code=pkg(*SEARCH_CODE, "calib/stream", "calib/stats"),
+        code=pkg(*MODEL_CODE, "experts/search", "calib/stream", "calib/stats"),
     output:
         search=f"{SEARCH}/progressive/layer_{{layer}}.json",
         hidden=f"{SEARCH}/progressive/layer_{{layer}}.hidden_out.safetensors",
@@ -83,7 +82,7 @@ rule apply_experts:
     input:
         searches=searches,
         model=model_inputs(),
-        code=pkg("experts/removal", "models/checkpoint", "models/adapter", "models/mixtral", "moe", "jobs", "atomic"),
+        code=pkg(*MODEL_CODE, "experts/removal"),
     output:
         checkpoint=checkpoint_output(directory(WHOLE.file("checkpoint"))),
         reduction=WHOLE.file("reduction"),

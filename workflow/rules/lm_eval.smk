@@ -26,7 +26,7 @@ rule evaluate_lm_eval:
     input:
         checkpoint=checkpoint_inputs,
         tasks=lm_task_inputs(),
-        code=pkg(*LOAD_MODEL, "eval/lm_harness"),
+        code=pkg(*MODEL_CODE, "experts/skipping", "experts/removal", "eval/lm_harness"),
     output:
         f"{ANY}/eval/lm_eval.json",
     log:

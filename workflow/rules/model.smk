@@ -19,7 +19,7 @@ rule corpus:
 rule train_tiny:
     input:
         corpus=CORPUS_FILES,
-        code=pkg("models/tiny", "data/sources", "data/corpus", "eval/perplexity", "atomic", "jobs"),
+        code=pkg("models/tiny", "models/checkpoint", "data/sources", "data/corpus", "eval/perplexity", "atomic", "jobs"),
     output:
         model=directory(MODEL_DIR),
         report=f"{ROOT}/base_report.json",

@@ -2,10 +2,10 @@
 # pruning.variant.Variant (the report reads the same paths); the patterns below are Variants of wildcards.
 import re
 
-from pruning.methods import EXPERT_METHODS, SCORE_METHODS, SPARSEGPT_METHODS, WEIGHT_METHODS
-from pruning.variant import FILES, RESULTS, Variant, parse_base
+from pruning.methods import EXPERT_METHODS, SCORE_METHODS, SPARSEGPT_METHODS, TUNES, WEIGHT_METHODS
+from pruning.variant import Variant, model_root, parse_base
 
-ROOT = f"{RESULTS}/{MODEL}"
+ROOT = model_root(MODEL)
 MODEL_DIR = f"{ROOT}/base" if BUILTIN else INPUT_MODEL_DIR  # the input checkpoint ("full")
 CORPUS = "data/builtin"
 CORPUS_FILES = [f"{CORPUS}/{s}.jsonl" for s in ("train", "validation", "test")] + [f"{CORPUS}/manifest.json"]
@@ -20,20 +20,22 @@ ANY = f"{ROOT}/{{mdl}}"  # any of the above, by its path: what evaluations take
 SEARCH = f"{ROOT}/search/{{cid}}/k{{keep}}"  # expert search per calibration set and kept count
 
 BASE_RE = r"full|(?:" + "|".join(EXPERT_METHODS) + r")-k\d+(?:-task)?"
+PROP_RE = "dense|sequential"
+METHOD_RE = "|".join(WEIGHT_METHODS)
 SP_RE = r"0\.\d+|\d+of\d+"
-CID_RE = r"[A-Za-z0-9_.-]+?-n\d+-l\d+-s\d+"
+TUNE_RE = "|".join(TUNES)
 
 
 wildcard_constraints:
     base=BASE_RE,
-    prop="dense|sequential",
-    method="|".join(WEIGHT_METHODS),
+    prop=PROP_RE,
+    method=METHOD_RE,
     sp=SP_RE,
-    tune="kd|ce",
+    tune=TUNE_RE,
     layer=r"\d+",
-    cid=CID_RE,
+    cid=r"[A-Za-z0-9_.-]+?-n\d+-l\d+-s\d+",
     keep=r"\d+",
-    mdl=rf"(?:{BASE_RE})(?:/skip)?|(?:{BASE_RE})/{re.escape(CID)}/(?:dense|sequential)/(?:{'|'.join(WEIGHT_METHODS)})/(?:{SP_RE})(?:/(?:kd|ce))?",
+    mdl=rf"(?:{BASE_RE})(?:/skip)?|(?:{BASE_RE})/{re.escape(CID)}/(?:{PROP_RE})/(?:{METHOD_RE})/(?:{SP_RE})(?:/(?:{TUNE_RE}))?",
     ds="ppl|task_ppl",
 
 

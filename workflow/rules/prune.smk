@@ -1,6 +1,6 @@
 # Weight pruning: per-layer masks (and SparseGPT's updated weights), then the assembled pruned checkpoint.
-READ_LAYER = ("models/checkpoint", "models/adapter", "models/mixtral", "moe", "jobs", "gpu_pool", "atomic", "methods")
-MASK_FILES = ("weights/masks", "weights/pattern", "weights/prune", "weights/scores", "weights/hessian", "weights/sparsegpt")
+MASK_CODE = ("methods", "weights/masks", "weights/pattern", "weights/prune", "weights/scores", "weights/hessian",
+             "weights/sparsegpt")
 
 
 rule mask:
@@ -8,7 +8,7 @@ rule mask:
     input:
         stats=stats_file,
         model=base_inputs,
-        code=pkg(*READ_LAYER, *MASK_FILES),
+        code=pkg(*MODEL_CODE, *MASK_CODE),
     output:
         mask_file(VARIANT.dir),
     log:
@@ -31,7 +31,7 @@ rule mask_sparsegpt:
     input:
         inputs=lambda w: moe_inputs_file(w, w.layer),
         model=base_inputs,
-        code=pkg(*READ_LAYER, *MASK_FILES),
+        code=pkg(*MODEL_CODE, *MASK_CODE),
     output:
         masks=mask_file(VARIANT.dir),
         weights=weights_file(VARIANT.dir),
@@ -56,7 +56,7 @@ rule apply:
     input:
         unpack(layer_files),
         model=base_inputs,
-        code=pkg(*READ_LAYER, "weights/assemble", "weights/sparsity", "weights/masks", "weights/pattern"),
+        code=pkg(*MODEL_CODE, "weights/assemble", "weights/sparsity", "weights/masks", "weights/pattern"),
     output:
         checkpoint=checkpoint_output(directory(VARIANT.file("checkpoint"))),
         sparsity=VARIANT.file("sparsity"),

@@ -8,7 +8,7 @@ rule report:
         report_inputs(),
         schema=os.path.relpath(Path(workflow.basedir) / "workflow/schemas/summary.schema.yaml"),
         code=pkg("report/build", "report/rows", "report/tables", "report/plots", "sweep", "variant", "methods",
-                 "weights/pattern", "calib/stats", "atomic", "jobs"),
+                 "distill/__init__", "weights/pattern", "calib/stats", "atomic", "jobs"),
     output:
         ppl_json="metrics/ppl.json",
         ppl_csv="metrics/ppl.csv",
@@ -24,7 +24,7 @@ rule report:
         acc_plot=report("metrics/acc_vs_sparsity.png", caption="../report/acc.rst", category="Results"),
         sparsity_plot=report("metrics/expert_sparsity.png", caption="../report/sparsity.rst", category="Experts"),
     log:
-        f"{ROOT}/logs/report.log",
+        log_file("report"),
     params:
         # what the tables depend on: the sweep and the settings their headers describe
         config={k: config[k] for k in ("model", "seed", "calib", "prune", "experts", "skipping", "distill", "eval")},
@@ -53,7 +53,7 @@ rule readme:
         acc_plot=f"docs/{README_BLOCK}_acc.png",
         sparsity_plot=f"docs/{README_BLOCK}_expert_sparsity.png",
     log:
-        f"{ROOT}/logs/readme.log",
+        log_file("readme"),
     params:
         readme="README.md",
         block=README_BLOCK,

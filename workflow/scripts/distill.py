@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from pruning import jobs
 from pruning.atomic import atomic_dir, write_json, write_text
 from pruning.data.sources import calibration_tokens
+from pruning.distill import HISTORY_FIELDS
 from pruning.distill import train as distill
 from pruning.distill.state import fingerprint
 from pruning.gpu_pool import claim_device
@@ -63,7 +64,7 @@ with atomic_dir(out.checkpoint) as d:
     pc = json.load(open(f"{inp.checkpoint}/pruning_config.json"))
     write_json(f"{d}/pruning_config.json", {**pc, "distillation": {k: info[k] for k in ("lambda", "steps", "samples", "seqlen", "config")}})
 buf = io.StringIO()
-writer = csv.DictWriter(buf, fieldnames=distill.HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
+writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
 writer.writeheader()
 writer.writerows(record["history"])
 write_text(out.history, buf.getvalue())

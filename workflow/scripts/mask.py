@@ -18,5 +18,5 @@ with claim_device() as device:
     if info["fallback_experts"]:
         log.warning("layer %d: experts %s got no calibration tokens; pruned by magnitude", layer, info["fallback_experts"])
     meta = mask_metadata(w.method, pattern, w.prop, layer, snakemake.input.stats, info)
-    save_masks(snakemake.output[0], {k: v.cpu() for k, v in masks.items()}, meta)
+    save_masks(snakemake.output[0], masks, meta)
     log.info("layer %d: %s %s, kept %.4f", layer, w.method, pattern, kept_fraction(masks))

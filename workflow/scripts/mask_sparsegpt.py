@@ -31,8 +31,7 @@ with claim_device() as device:
     if info["max_damp"] > percdamp:
         log.warning("layer %d: dampening raised to %.3g of the mean diagonal", layer, info["max_damp"])
     meta = mask_metadata(w.method, pattern, w.prop, layer, snakemake.input.inputs, info)
-    save_masks(snakemake.output.masks, {k: v.cpu() for k, v in masks.items()}, meta)
-    save_safetensors(snakemake.output.weights, {k: v.cpu().contiguous() for k, v in new.items()},
-                     {"layer": layer, "method": w.method, "pattern": meta["pattern"]})
+    save_masks(snakemake.output.masks, masks, meta)
+    save_safetensors(snakemake.output.weights, new, {"layer": layer, "method": w.method, "pattern": meta["pattern"]})
     log.info("layer %d: %s %s, kept %.4f, tokens per expert %s, OBS loss %.4g, dead columns %d",
              layer, w.method, pattern, kept_fraction(masks), json.dumps(info["tokens_per_expert"]), info["obs_loss"], info["dead_columns"])
