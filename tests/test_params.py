@@ -116,3 +116,16 @@ def test_schema_names_exactly_the_registered_methods():
     """params.yaml's method names are pruning.methods' registries: a method added to one is added to the other."""
     assert SCHEMA["$defs"]["weight_method"]["enum"] == list(WEIGHT_METHODS)
     assert SCHEMA["$defs"]["expert_method"]["enum"] == list(EXPERT_METHODS)
+
+
+def test_slurm_profile_names_existing_rules(tmp_path):
+    """The SLURM profile's per-rule resources and threads name rules the workflow has (a renamed rule would
+    silently fall back to the default resources)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(MICRO))
+    r = subprocess.run(SNAKEMAKE + ["--list-rules"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rules = set(r.stdout.split())
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    named = set(profile["set-resources"]) | set(profile["set-threads"])
+    assert named <= rules, sorted(named - rules)
+    assert {"calibrate", "mask", "mask_sparsegpt", "distill", "evaluate_ppl", "evaluate_lm_eval"} <= named
