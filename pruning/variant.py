@@ -113,12 +113,16 @@ class Variant:
     def weight_pruned(self) -> bool:
         return self.method is not None
 
+    def _name(self, with_calib: bool) -> str:
+        if not self.weight_pruned:
+            return self.base + ("/skip" if self.skip else "")
+        calib = [self.calib] if with_calib else []
+        return "/".join([self.base, *calib, self.prop, self.method, self.sp] + ([self.tune] if self.tune else []))
+
     @property
     def id(self) -> str:
         """The name the summary lists it by: its path without the calibration set."""
-        if not self.weight_pruned:
-            return self.base + ("/skip" if self.skip else "")
-        return f"{self.base}/{self.prop}/{self.method}/{self.sp}" + (f"/{self.tune}" if self.tune else "")
+        return self._name(with_calib=False)
 
     @property
     def pattern(self) -> Pattern:
@@ -141,9 +145,7 @@ class Variant:
     @property
     def path(self) -> str:
         """Its directory below results/<model>/."""
-        if not self.weight_pruned:
-            return self.id
-        return f"{self.base}/{self.calib}/{self.prop}/{self.method}/{self.sp}" + (f"/{self.tune}" if self.tune else "")
+        return self._name(with_calib=True)
 
     @property
     def dir(self) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..moe import Experts
 from . import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 
 MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -136,8 +137,6 @@ def read_router_weight(model_dir, adapter, layer: int) -> torch.Tensor:
 
 def read_experts(model_dir, adapter, layer: int):
     """One layer's experts as ``moe.Experts`` (with the family's activation), from the shards."""
-    from ..moe import Experts
-
     return Experts(*read_expert_weights(model_dir, adapter, layer), adapter.activation())
 
 

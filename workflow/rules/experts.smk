@@ -119,5 +119,6 @@ rule skip_calibrate:
     params:
         model_dir=lambda w: base_dir(w.base),
         calib_id=CID,
+        layers=LAYERS,  # the order of the stats inputs
     script:
         "../scripts/skip_calibrate.py"

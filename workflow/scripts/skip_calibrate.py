@@ -1,6 +1,5 @@
 """Dynamic skipping: beta per layer from this model's calibration statistics, stored in config.betas."""
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +12,7 @@ from pruning.experts.skipping import BETAS_KEY, beta_from_stats
 log = jobs.start(snakemake.log[0])
 p, out = snakemake.params, snakemake.output
 layers = {}
-for f in snakemake.input.stats:
-    i = int(re.search(r"layer_(\d+)\.stats", f).group(1))
+for i, f in zip(p.layers, snakemake.input.stats):
     st = load_file(f)
     levels, q = st["router.ratio_levels"].tolist(), st["router.ratio_quantiles"].tolist()
     layers[str(i)] = {"beta": beta_from_stats(st), "ratio_quantiles": dict(zip((f"{v:g}" for v in levels), q)),
