@@ -21,7 +21,7 @@ from pruning.calib.stream import run_layer
 from pruning.methods import WEIGHT_METHODS
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_model
-from pruning.moe import Experts, route_tokens
+from pruning.moe import Experts, Router
 from pruning.weights.pattern import Pattern
 from pruning.weights.prune import layer_masks, layer_sparsegpt
 
@@ -53,19 +53,19 @@ def main():
     total_fwd = 0.0
     for i in adapter.moe_layer_indices():
         layer = layers[i]
-        t_fwd = timed(lambda: run_layer(layer, hidden, ctx, args.batch_size), args.repeats)
+        t_fwd = timed(lambda: run_layer(layer, hidden, ctx[i], args.batch_size), args.repeats)
         with torch.no_grad():
-            next_hidden = run_layer(layer, hidden, ctx, args.batch_size)
+            next_hidden = run_layer(layer, hidden, ctx[i], args.batch_size)
         ex = adapter.expert_weights(layer)
-        experts = Experts(ex.gate_up.detach(), ex.down.detach(), ex.act)
+        experts = ex.with_weights(ex.gate_up.detach(), ex.down.detach())
         stats = load_file(f"{args.calib}/dense/layer_{i}.stats.safetensors")
         inputs = load_file(f"{args.calib}/dense/layer_{i}.inputs.safetensors")["hidden_states"]
-        router = adapter.router_weight(layer).detach()
+        router = adapter.router(layer).weight.detach()
         times = {}
         for m in METHODS:
             if WEIGHT_METHODS[m].updates_weights:
                 def job(m=m):
-                    layer_sparsegpt(m, pattern, experts, inputs, route_tokens(adapter.route_logits, router, inputs))
+                    layer_sparsegpt(m, pattern, experts, inputs, Router(router, adapter.rule()).route(inputs))
             else:
                 def job(m=m):
                     layer_masks(m, pattern, experts, stats)

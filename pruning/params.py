@@ -126,18 +126,20 @@ def check_model(config: dict) -> dict:
 
 
 def check_experts(config: dict, model_config: dict | None) -> None:
-    """Expert counts against the model: top_k <= keep < E, skipping needs top-2, bases name real variants."""
+    """Expert counts against the model: top_k <= keep < E (and a group-limited router's grouping), skipping
+    needs top_k >= 2, bases name real variants."""
     from .methods import EXPERT_METHODS
     from .variant import parse_base
 
     if model_config is None:
         arch = config["tiny"]["arch"]
         num_experts, top_k = arch["num_experts"], arch["top_k"]
+        adapter = None
     else:
         from .models import get_adapter
 
-        a = get_adapter(model_config)
-        num_experts, top_k = a.num_experts, a.top_k
+        adapter = get_adapter(model_config)
+        num_experts, top_k = adapter.num_experts, adapter.top_k
     ex = config.get("experts", {})
     task = ex.get("task") or {}
     keeps = [("experts.keep", i, k) for i, k in enumerate(ex.get("keep", []))]
@@ -147,6 +149,9 @@ def check_experts(config: dict, model_config: dict | None) -> None:
         if not top_k <= keep < num_experts:
             raise ParamsError(f"{key}: keep={keep} is not allowed; experts kept per layer must be in "
                               f"[top_k, num_experts) = [{top_k}, {num_experts})")
+        why = adapter.check_keep(keep) if adapter is not None else None
+        if why:
+            raise ParamsError(f"{key}: keep={keep} is not allowed; {why}")
 
     for key, i, k in keeps:
         check_keep(f"{key}[{i}]", k)
@@ -168,5 +173,7 @@ def check_experts(config: dict, model_config: dict | None) -> None:
             if is_task and not task.get("source"):
                 raise ParamsError(f"{key}[{i}]: {b!r} needs experts.task.source")
             check_keep(f"{key}[{i}]", keep)
-    if config.get("skipping", {}).get("bases") and top_k != 2:
-        raise ParamsError(f"skipping.bases: dynamic skipping needs a top-2 router; this model has top_k={top_k}")
+    if config.get("prune", {}).get("shared_experts") and not (adapter is not None and adapter.has_shared_experts):
+        raise ParamsError("prune.shared_experts: true, but the model has no shared experts; allowed: false")
+    if config.get("skipping", {}).get("bases") and top_k < 2:
+        raise ParamsError(f"skipping.bases: dynamic skipping needs top_k >= 2; this model has top_k={top_k}")

@@ -3,14 +3,14 @@ import torch
 
 from pruning.eval.block_error import relative_block_error
 from pruning.models import get_adapter
-from pruning.moe import Experts, route_tokens
+from pruning.moe import Experts, Router
 
 
 def test_relative_block_error_hand_cases(tiny_mixtral):
     model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
     layer = model.model.layers[1]
     x = torch.randn(40, model.config.hidden_size)
-    routing = route_tokens(adapter.route_logits, adapter.router_weight(layer).detach(), x)
+    routing = Router(adapter.router(layer).weight.detach(), adapter.rule()).route(x)
     ex = adapter.expert_weights(layer)
     dense = Experts(ex.gate_up.detach(), ex.down.detach(), adapter.activation())
     assert relative_block_error(dense, dense, x, routing) == 0.0

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from pruning.models import get_adapter
 from pruning.weights.assemble import apply_layer_masks
 from pruning.weights.sparsity import nm_zero_counts, sparsity_report
-from pruning.models.checkpoint import load_config, read_expert_weights
+from pruning.models.checkpoint import load_config, read_experts
 from pruning.eval.perplexity import perplexity, unigram_perplexity
 from pruning.weights.pattern import Pattern
 from pruning.weights.prune import layer_masks
@@ -18,9 +18,9 @@ def test_read_expert_weights_from_shards(tiny_mixtral, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     adapter = get_adapter(load_config(tmp_path))
     for i in (0, 1):
-        gu, dn = read_expert_weights(tmp_path, adapter, i)
+        got = read_experts(tmp_path, adapter, i)
         ex = tiny_mixtral.model.layers[i].mlp.experts
-        assert torch.equal(gu, ex.gate_up_proj.detach()) and torch.equal(dn, ex.down_proj.detach())
+        assert torch.equal(got.gate_up, ex.gate_up_proj.detach()) and torch.equal(got.down, ex.down_proj.detach())
 
 
 def test_pruned_checkpoint_loads_with_exact_sparsity(tmp_path):

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from pruning.experts.baselines import add_scores, method_scores, random_experts, routed_scores, top_experts
-from pruning.experts.removal import expert_parameter_saving, reduce_experts
+from pruning.experts.removal import expert_saving, reduce_experts
 from pruning.experts.search import BlockLoss, block_targets, search
 from pruning.models import get_adapter
 from pruning.models.checkpoint import file_bytes, parameter_count, tensor_bytes
-from pruning.moe import Experts, Routing
+from pruning.moe import Experts, Router, Routing
 
 from conftest import make_tiny_mixtral
 
@@ -60,7 +60,7 @@ def _layer_tensors(model, i):
     a = get_adapter(model.config)
     layer = a.decoder_layers(model)[i]
     ex = a.expert_weights(layer)
-    return a, a.router_weight(layer).detach(), Experts(ex.gate_up.detach(), ex.down.detach(), ex.act)
+    return a, a.router(layer).weight.detach(), Experts(ex.gate_up.detach(), ex.down.detach(), ex.act)
 
 
 def test_objective_equals_per_token_frobenius_sum():
@@ -68,7 +68,7 @@ def test_objective_equals_per_token_frobenius_sum():
     x = _moe_inputs(model)[1].double()
     a, router, ex = _layer_tensors(model, 1)
     batches = [x[:20], x[20:]]
-    loss = BlockLoss(batches, router, ex, a.route_logits)
+    loss = BlockLoss(batches, Router(router, a.rule()), ex)
     sets = [(0,), (2, 4), (1, 3)]
     got = loss(sets)
     r, g, d = router.double(), ex.gate_up.double(), ex.down.double()
@@ -105,7 +105,7 @@ def test_search_picks_brute_force_argmin_of_the_stock_block():
         all_sets = list(itertools.combinations(range(6), 6 - keep))
         brute_losses = {d: brute(d) for d in all_sets}
         _, router, ex = _layer_tensors(model, 0)
-        res = search(BlockLoss(batches, router, ex, a.route_logits), 6, keep)
+        res = search(BlockLoss(batches, Router(router, a.rule()), ex), 6, keep)
         assert tuple(res["dropped"]) == min(brute_losses, key=brute_losses.get)
         assert len(res["candidates"]) == math.comb(6, 6 - keep) and res["exhaustive"]
         for d, v in res["candidates"]:
@@ -135,7 +135,7 @@ def test_baseline_scores_equal_a_per_token_loop():
     a, router, ex = _layer_tensors(model, 1)
     gu, dn = ex.gate_up, ex.down
     x = _moe_inputs(model)[1]
-    gate = a.router(a.decoder_layers(model)[1])
+    gate = a.router_module(a.decoder_layers(model)[1])
     with torch.no_grad():
         _, weights, index = gate(x)  # the model's own routing and combine weights
         sums = add_scores(routed_scores(x[:30], Routing(index[:30], weights[:30]), ex),
@@ -181,20 +181,20 @@ def test_reduced_checkpoint_equals_minus_inf_router_logits(tmp_path):
     ids = torch.randint(0, 64, (3, 16))
     reduced = copy.deepcopy(model)
     before = parameter_count(model)
+    saved, saved_bytes = expert_saving(a, model, {0: 2, 1: 2})
     reduce_experts(get_adapter(reduced.config), reduced, kept, {"method": "test"})
     reduced.save_pretrained(tmp_path / "reduced")
     model.save_pretrained(tmp_path / "full")
     for i, ks in kept.items():
-        gate = a.router(a.decoder_layers(model)[i])
+        gate = a.router_module(a.decoder_layers(model)[i])
         gate.forward = _masked_router_forward(gate, [e for e in range(6) if e not in ks])
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "reduced", experts_implementation="eager").eval()
     assert loaded.config.num_local_experts == 4 and loaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
     assert json.loads((tmp_path / "reduced/config.json").read_text())["pruned_experts"]["kept"] == {"0": kept[0], "1": kept[1]}
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
-    saved = expert_parameter_saving((6, 96, 32), (6, 32, 48), 32, [2, 2])
-    assert before - parameter_count(loaded) == saved == 2 * 2 * (96 * 32 + 32 * 48 + 32)
-    assert tensor_bytes(tmp_path / "full") - tensor_bytes(tmp_path / "reduced") == saved * 4
+    assert before - parameter_count(loaded) == saved == 2 * 2 * (96 * 32 + 32 * 48 + 32)  # gate_up, down, router row
+    assert tensor_bytes(tmp_path / "full") - tensor_bytes(tmp_path / "reduced") == saved_bytes == saved * 4
     assert file_bytes(tmp_path / "reduced") < file_bytes(tmp_path / "full")
 
 
@@ -203,7 +203,7 @@ def test_reduce_rejects_bad_kept_sets():
     a = get_adapter(model.config)
     with pytest.raises(ValueError, match="same number"):
         reduce_experts(a, copy.deepcopy(model), {0: [0, 1], 1: [0, 1, 2]})
-    with pytest.raises(ValueError, match="top_k=2"):
+    with pytest.raises(ValueError, match="top_k, num_experts"):
         reduce_experts(a, copy.deepcopy(model), {0: [0], 1: [1]})
 
 
@@ -214,10 +214,10 @@ def test_progressive_targets_are_the_unpruned_outputs():
     block = a.moe_block(a.decoder_layers(model)[0])
     with torch.no_grad():
         expected = block(x[None])[0]
-    (z,) = block_targets([x], router, ex, a.route_logits)
+    (z,) = block_targets([x], Router(router, a.rule()), ex)
     torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-6)  # the stock router's softmax is fp32, ours fp64
     shifted = x + 0.1 * torch.randn_like(x)  # progressive: other inputs, same targets
-    loss = BlockLoss([shifted], router, ex, a.route_logits, targets=[z])
+    loss = BlockLoss([shifted], Router(router, a.rule()), ex, targets=[z])
     with torch.no_grad():
         stock = torch.linalg.matrix_norm(z - block(shifted[None])[0]).item()
     assert loss([()])[0] == pytest.approx(stock, rel=1e-5)

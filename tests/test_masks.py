@@ -64,7 +64,7 @@ def test_pack_roundtrip_odd_sizes(shape):
 
 
 def test_mask_file_roundtrip(tmp_path):
-    masks = {"gate_up_proj": torch.rand(3, 10, 5) > 0.3, "down_proj": torch.rand(3, 5, 5) > 0.6}
+    masks = {"gate_up": torch.rand(3, 10, 5) > 0.3, "down": torch.rand(3, 5, 5) > 0.6}
     save_masks(tmp_path / "m.safetensors", masks, {"method": "wanda", "layer": 1})
     back, meta = load_masks(tmp_path / "m.safetensors")
     assert meta["method"] == "wanda" and meta["layer"] == "1"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pruning.models import get_adapter
-from pruning.moe import Experts, Routing, combine, route, route_tokens
+from pruning.moe import Experts, Router, Routing, combine
 
 from conftest import make_tiny_mixtral
 
@@ -16,7 +16,7 @@ def _layer(model, i=1):
     adapter = get_adapter(model.config)
     layer = adapter.decoder_layers(model)[i]
     ex = adapter.expert_weights(layer)
-    return adapter, layer, Experts(ex.gate_up.detach(), ex.down.detach(), ex.act), adapter.router_weight(layer).detach()
+    return adapter, layer, Experts(ex.gate_up.detach(), ex.down.detach(), ex.act), adapter.router(layer).weight.detach()
 
 
 def _naive_block(x, router, experts, top_k, dropped=()):
@@ -38,7 +38,7 @@ def _naive_block(x, router, experts, top_k, dropped=()):
 def test_routing_equals_the_stock_router(tiny_mixtral):
     adapter, layer, _, router = _layer(tiny_mixtral)
     x = torch.randn(30, 32)
-    routing = route_tokens(adapter.route_logits, router, x, chunk=7)  # chunking changes nothing
+    routing = Router(router, adapter.rule()).route(x, chunk=7)  # chunking changes nothing
     with torch.no_grad():
         _, weights, index = layer.mlp.gate(x)
     assert torch.equal(routing.index, index)
@@ -59,7 +59,7 @@ def test_tokens_of_dense_and_counts_hand_example():
 def test_block_output_equals_stock_block_and_per_token_loop(tiny_mixtral):
     adapter, layer, experts, router = _layer(tiny_mixtral)
     x = torch.randn(40, 32)
-    routing = route_tokens(adapter.route_logits, router, x)
+    routing = Router(router, adapter.rule()).route(x)
     with torch.no_grad():
         stock = layer.mlp(x[None])
         stock = (stock[0] if isinstance(stock, tuple) else stock)[0]
@@ -73,7 +73,7 @@ def test_block_output_equals_stock_block_and_per_token_loop(tiny_mixtral):
 def test_block_output_observer_sees_each_experts_routed_tokens(tiny_mixtral):
     adapter, _, experts, router = _layer(tiny_mixtral)
     x = torch.randn(25, 32)
-    routing = route_tokens(adapter.route_logits, router, x)
+    routing = Router(router, adapter.rule()).route(x)
     seen = {}
     experts.block_output(x, routing, lambda e, tok, xe, g, h: seen.__setitem__(e, (tok, xe, g, h)))
     inter = experts.down.shape[-1]
@@ -94,7 +94,7 @@ def test_dropped_experts_are_removed_from_the_choice(dropped):
     adapter, _, experts, router = _layer(model, 0)
     x = torch.randn(20, 32, dtype=torch.float64)
     logits = nn.functional.linear(x, router.double())
-    routing = route(adapter.route_logits, logits, dropped)
+    routing = Router(router.double(), adapter.rule()).route_logits(logits, dropped)
     assert not any(e in routing.index.tolist()[t] for t in range(20) for e in dropped)
     got = combine(experts.to(torch.float64).outputs(x), routing.dense(5))
     torch.testing.assert_close(got, _naive_block(x, router, experts, 2, dropped), rtol=1e-9, atol=1e-10)

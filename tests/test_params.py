@@ -45,11 +45,10 @@ def _dense_model(tmp_path):
 
 
 def _unsupported_moe(tmp_path):
-    from transformers import Qwen2MoeConfig
+    from transformers import GraniteMoeConfig
 
-    return _save_model(tmp_path, Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                num_attention_heads=2, num_key_value_heads=1, num_experts=4,
-                                                moe_intermediate_size=8, shared_expert_intermediate_size=8))
+    return _save_model(tmp_path, GraniteMoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=1, num_local_experts=4))
 
 
 CASES = {
@@ -67,7 +66,7 @@ CASES = {
     "unknown expert method": (lambda t: _with("experts.methods", ["naee", "magnitude"]), "experts.methods[1]", "allowed values: " + ", ".join(EXPERT_METHODS)),
     "bad base": (lambda t: _with("prune.bases", ["full", "reap-k9"]), "prune.bases[1]", "[top_k, num_experts) = [2, 4)"),
     "unknown base method": (lambda t: _with("skipping.bases", ["wanda-k3"]), "skipping.bases[0]", "allowed: " + ", ".join(EXPERT_METHODS)),
-    "skipping with top-1": (lambda t: _with("tiny.arch", {**MICRO["tiny"]["arch"], "top_k": 1}), "skipping.bases", "top-2"),
+    "skipping with top-1": (lambda t: _with("tiny.arch", {**MICRO["tiny"]["arch"], "top_k": 1}), "skipping.bases", "top_k >= 2"),
     "task file without eval": (lambda t: _with("experts.task", {"source": "notes.txt", "methods": ["naee"], "keep": [3]}), "experts.task.eval", "required"),
     "unknown distill method": (lambda t: _with("distill.methods", ["wandax"]), "distill.methods[0]", "allowed values: " + ", ".join(WEIGHT_METHODS)),
     "distill N >= M": (lambda t: _with("distill.sparsities", ["4:2"]), "distill.sparsities[0]", "0 < N < M"),
@@ -82,7 +81,7 @@ CASES = {
     "lm_eval local source": (lambda t: _with("lm_eval.local", {"source": "c4"}), "lm_eval.local.source", "does not match"),
     "missing model path": (lambda t: _with("model.name_or_path", "./no/such/model"), "model.name_or_path", "not a directory"),
     "dense model": (lambda t: _with("model.name_or_path", _dense_model(t)), "model.name_or_path", "dense (non-MoE)"),
-    "unsupported MoE": (lambda t: _with("model.name_or_path", _unsupported_moe(t)), "qwen2_moe", "supported MoE families: mixtral"),
+    "unsupported MoE": (lambda t: _with("model.name_or_path", _unsupported_moe(t)), "granitemoe", "supported MoE families: deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"),
 }
 
 

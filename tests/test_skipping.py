@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from pruning.models import get_adapter
-from pruning.experts.skipping import BETAS_KEY, beta_from_stats, enable_dynamic_skipping, register, skip_rates, skip_second
+from pruning.experts.skipping import BETAS_KEY, beta_from_stats, enable_dynamic_skipping, register, skip_experts, skip_rates
 from pruning.eval.usage import count_expert_calls
+from pruning.moe import TopK
 
 from conftest import make_tiny_mixtral
 
@@ -37,13 +38,28 @@ def _naive_skipping_block(block, beta):
     return forward
 
 
-def test_skip_second_hand_example():
+def test_skip_top2_hand_example():
     index = torch.tensor([[3, 1], [0, 2], [2, 0], [1, 3]])
     weights = torch.tensor([[0.8, 0.2], [0.55, 0.45], [0.3, 0.7], [0.5, 0.5]])
-    idx, w, skipped = skip_second(index, weights, 0.5, num_experts=4)
-    assert skipped.tolist() == [True, False, True, False]  # 0.2 < 0.4; 0.45 >= 0.275; 0.3 < 0.35; tie kept
+    idx, w, dropped = skip_experts(index, weights, 0.5, 4, TopK(2))
+    assert dropped.any(-1).tolist() == [True, False, True, False]  # 0.2 < 0.4; 0.45 >= 0.275; 0.3 < 0.35; tie kept
     assert idx.tolist() == [[3, 4], [0, 2], [4, 0], [1, 3]]  # sentinel 4 = no expert
     torch.testing.assert_close(w, torch.tensor([[1.0, 0.0], [0.55, 0.45], [0.0, 1.0], [0.5, 0.5]]))
+
+
+def test_skip_topk_hand_example_renormalising_or_not():
+    """Top-4 weights of two tokens, beta 0.5: drop every weight below half the token's largest."""
+    index = torch.tensor([[5, 1, 7, 2], [0, 3, 6, 4]])
+    weights = torch.tensor([[0.4, 0.3, 0.15, 0.15], [0.2, 0.25, 0.3, 0.25]])
+    idx, w, dropped = skip_experts(index, weights, 0.5, 8, TopK(4, normalize=True, scale=2.0))
+    assert dropped.tolist() == [[False, False, True, True], [False, False, False, False]]
+    assert idx.tolist() == [[5, 1, 8, 8], [0, 3, 6, 4]]
+    # renormalised over the kept 0.4 + 0.3, then x 2 (routed_scaling_factor)
+    torch.testing.assert_close(w, torch.tensor([[0.8 / 0.7, 0.6 / 0.7, 0, 0], [0.2, 0.25, 0.3, 0.25]]))  # no drop: as routed
+    _, w, _ = skip_experts(index, weights, 0.5, 8, TopK(4, normalize=False))  # Qwen/OLMoE default: kept as is
+    torch.testing.assert_close(w, torch.tensor([[0.4, 0.3, 0, 0], [0.2, 0.25, 0.3, 0.25]]))
+    _, w, _ = skip_experts(index, weights, 0.5, 8, TopK(4, "topk_softmax"))  # gpt-oss: softmax over the kept
+    torch.testing.assert_close(w, torch.tensor([[0.4 / 0.7, 0.3 / 0.7, 0, 0], [0.2, 0.25, 0.3, 0.25]]))
 
 
 def test_skipping_model_equals_per_token_reference():
@@ -128,5 +144,5 @@ def test_saved_checkpoint_skips_after_register(tmp_path):
 
 def test_skipping_needs_top2():
     model = make_tiny_mixtral(experts=4, top_k=1)
-    with pytest.raises(ValueError, match="top-2"):
+    with pytest.raises(ValueError, match="top_k >= 2"):
         enable_dynamic_skipping(model, {"0": 0.5})

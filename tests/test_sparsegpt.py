@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pruning.models import get_adapter
 from pruning.calib.stream import calibrate_layer
-from pruning.moe import Experts, route_tokens
+from pruning.moe import Experts, Router
 from pruning.weights.hessian import HESSIAN_MODES, expert_hessians
 from pruning.weights.masks import select_mask
 from pruning.weights.pattern import Pattern
@@ -107,8 +107,8 @@ def _moe_inputs(model, adapter, layer_idx, tokens):
     hidden = model.model.embed_tokens(tokens)
     ctx = adapter.layer_context(model, tokens.shape[1], "cpu")
     for i in range(layer_idx):
-        hidden = model.model.layers[i](hidden, **ctx)
-    _, inputs, _ = calibrate_layer(adapter, model.model.layers[layer_idx], hidden, ctx, batch_size=2)
+        hidden = model.model.layers[i](hidden, **ctx[i])
+    _, inputs, _ = calibrate_layer(adapter, model.model.layers[layer_idx], hidden, ctx[layer_idx], batch_size=2)
     return inputs
 
 
@@ -139,11 +139,11 @@ def test_expert_hessians_equal_per_token_loop(tiny_mixtral, mode):
         for layer_idx in (0, 1):
             inputs = _moe_inputs(model, adapter, layer_idx, tokens)
             mlp = model.model.layers[layer_idx].mlp
-            routing = route_tokens(adapter.route_logits, mlp.gate.weight, inputs, chunk=7)
+            routing = Router(mlp.gate.weight, adapter.rule()).route(inputs, chunk=7)
             ref_in, ref_mid = _naive_hessians(model, layer_idx, inputs, mode)
             for e in range(adapter.num_experts):
                 h_in, h_mid, n = expert_hessians(
-                    mode, inputs, routing, e, mlp.experts.gate_up_proj[e], adapter.activation(), torch.float64, chunk=5
+                    mode, inputs, routing, e, adapter.expert_weights(model.model.layers[layer_idx]), torch.float64, chunk=5
                 )
                 torch.testing.assert_close(h_in, ref_in[e], rtol=1e-5, atol=1e-6)  # g comes from the fp32 router
                 torch.testing.assert_close(h_mid, ref_mid[e], rtol=1e-5, atol=1e-6)  # g comes from the fp32 router
@@ -154,19 +154,19 @@ def test_layer_sparsegpt_prunes_separate_matrices_and_falls_back(tiny_mixtral):
     model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
     mlp = model.model.layers[0].mlp
     inputs = _moe_inputs(model, adapter, 0, torch.randint(0, 64, (2, 16)))
-    routing = route_tokens(adapter.route_logits, mlp.gate.weight, inputs)
+    routing = Router(mlp.gate.weight, adapter.rule()).route(inputs)
     routing.index[routing.index == 3] = 2  # expert 3 now receives no token
     gu, dn = mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach()
     pattern = Pattern.parse("2:4")
     masks, new, info = layer_sparsegpt("sparsegpt_gate_weighted", pattern, Experts(gu, dn, adapter.activation()), inputs, routing)
     assert info["fallback_experts"] == [3] and info["tokens_per_expert"][3] == 0
-    assert torch.equal(masks["gate_up_proj"][3], select_mask(gu[3].abs(), pattern))
-    assert torch.equal(new["down_proj"][3], dn[3] * masks["down_proj"][3])
-    for key in ("gate_up_proj", "down_proj"):
+    assert torch.equal(masks["gate_up"][3], select_mask(gu[3].abs(), pattern))
+    assert torch.equal(new["down"][3], dn[3] * masks["down"][3])
+    for key in ("gate_up", "down"):
         assert (new[key][~masks[key]] == 0).all()
         assert ((~masks[key]).reshape(-1, pattern.m).sum(-1) == pattern.n).all()
     # gate and up are separate matrices: pruning the fused (2I, H) matrix would give another result
     I = dn.shape[-1]
-    gate_only, keep, _ = sparsegpt(gu[0, :I], expert_hessians("gate_weighted", inputs, routing, 0, gu[0], adapter.activation())[0], pattern)
-    torch.testing.assert_close(new["gate_up_proj"][0, :I], gate_only)
-    assert not torch.equal(new["gate_up_proj"][0], gu[0])
+    gate_only, keep, _ = sparsegpt(gu[0, :I], expert_hessians("gate_weighted", inputs, routing, 0, Experts(gu, dn, adapter.activation()))[0], pattern)
+    torch.testing.assert_close(new["gate_up"][0, :I], gate_only)
+    assert not torch.equal(new["gate_up"][0], gu[0])

@@ -162,7 +162,7 @@ def test_expert_pruning_outputs(run):
     assert model.config.pruned_experts["kept"] == {i: kept[i]["kept"] for i in ("0", "1")}
     # weight pruning composed on the reduced model: masks for 3 experts, 2:4 exact
     masks, _ = load_masks(run / "results/micro/naee-k3/builtin-n8-l32-s0/dense/moe_pruner/2of4/masks/layer_0.safetensors")
-    assert masks["gate_up_proj"].shape[0] == 3
+    assert masks["gate_up"].shape[0] == 3
     task = json.loads((run / "results/micro/naee-k3-task/search.json").read_text())
     assert task["calib_id"].startswith("builtin.asyncio-")
 
@@ -184,7 +184,7 @@ def test_skipping_outputs(run):
 
 def test_distillation_outputs(run):
     from pruning.models import get_adapter
-    from pruning.models.checkpoint import load_config, read_expert_weights
+    from pruning.models.checkpoint import load_config, read_experts
     from pruning.weights.sparsity import check_nm
 
     metrics = json.loads((run / "metrics/ppl.json").read_text())
@@ -201,8 +201,8 @@ def test_distillation_outputs(run):
             adapter = get_adapter(load_config(v / f"{tune}/checkpoint"))
             for layer in (0, 1):  # the masks held through training: still exactly 2:4, pruned positions zero
                 masks, _ = load_masks(v / f"masks/layer_{layer}.safetensors")
-                after = dict(zip(("gate_up_proj", "down_proj"), read_expert_weights(v / f"{tune}/checkpoint", adapter, layer)))
-                before = dict(zip(("gate_up_proj", "down_proj"), read_expert_weights(v / "checkpoint", adapter, layer)))
+                a_ex, b_ex = read_experts(v / f"{tune}/checkpoint", adapter, layer), read_experts(v / "checkpoint", adapter, layer)
+                after, before = {"gate_up": a_ex.gate_up, "down": a_ex.down}, {"gate_up": b_ex.gate_up, "down": b_ex.down}
                 for name, m in masks.items():
                     assert after[name].shape[0] == (4 if base == "full" else 3)
                     check_nm(after[name], m, 2, 4)

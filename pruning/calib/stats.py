@@ -2,9 +2,9 @@
 
 Per expert e (R_e = tokens routed to e, g_t = the combine weight the block applies to e's output):
   count[e]            |R_e|
-  gate_up.sum_x2[e]   sum_{t in R_e} x_t^2              (H,)  input of gate_up_proj      (Wanda)
+  gate_up.sum_x2[e]   sum_{t in R_e} x_t^2              (H,)  input of gate_up           (Wanda)
   gate_up.sum_gx2[e]  sum_{t in R_e} (g_t x_t)^2        (H,)                             (MoE-Pruner)
-  down.sum_x2[e]      sum_{t in R_e} h_t^2              (I,)  h = SwiGLU intermediate = input of down_proj
+  down.sum_x2[e]      sum_{t in R_e} h_t^2              (I,)  h = SwiGLU intermediate = input of down
   down.sum_gx2[e]     sum_{t in R_e} (g_t h_t)^2        (I,)
 Per layer (router): selection count per expert, top-1 count, mean combine weight over routed tokens,
 and quantiles of the second/first top-k weight ratio (top_k >= 2).

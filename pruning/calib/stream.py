@@ -19,12 +19,16 @@ class ResidentSource:
 
     def __init__(self, model, adapter, device="cpu"):
         self.model, self.adapter, self.device = model, adapter, device
+        self._contexts: dict[int, list[dict]] = {}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.adapter.embed(self.model, input_ids.to(self.device))
 
-    def context(self, seqlen: int) -> dict:
-        return self.adapter.layer_context(self.model, seqlen, self.device)
+    def context(self, seqlen: int, i: int) -> dict:
+        """Keyword arguments decoder layer ``i`` gets for ``seqlen``-long sequences (masks, rotary embeddings)."""
+        if seqlen not in self._contexts:
+            self._contexts[seqlen] = self.adapter.layer_context(self.model, seqlen, self.device)
+        return self._contexts[seqlen][i]
 
     @contextlib.contextmanager
     def layer(self, i: int):
@@ -44,6 +48,15 @@ def run_layer(layer, hidden: torch.Tensor, ctx: dict, batch_size: int) -> torch.
 
 
 @torch.no_grad()
+def run_layers(source, hidden: torch.Tensor, start: int, stop: int, batch_size: int) -> torch.Tensor:
+    """Plain forward of decoder layers [start, stop) (e.g. the dense layers between two MoE layers)."""
+    for k in range(start, stop):
+        with source.layer(k) as layer:
+            hidden = run_layer(layer, hidden, source.context(hidden.shape[1], k), batch_size)
+    return hidden
+
+
+@torch.no_grad()
 def calibrate_layer(adapter, layer, hidden: torch.Tensor, ctx: dict, batch_size: int):
     """Forward one decoder layer while observing its experts.
 
@@ -52,14 +65,23 @@ def calibrate_layer(adapter, layer, hidden: torch.Tensor, ctx: dict, batch_size:
     experts = adapter.expert_weights(layer)
     stats = LayerStats(adapter.num_experts, adapter.config.hidden_size, experts.intermediate_size, hidden.device)
     inputs: list[torch.Tensor] = []
+    shared = shared_stats = None
+    if adapter.has_shared_experts:  # an always-routed expert, with combine weight 1 or its sigmoid gate
+        shared, shared_gate = adapter.shared_expert_weights(layer), adapter.shared_gate_weight(layer)
+        shared_stats = LayerStats(1, adapter.config.hidden_size, shared.intermediate_size, hidden.device)
 
     def on_call(h, routing):
         inputs.append(h.detach().cpu())
         stats.add_routing(routing)
+        if shared is not None:
+            shared_stats.add_expert(0, h, adapter.shared_combine(shared_gate, h), shared.intermediate(0, h))
 
     with adapter.observe_experts(layer, on_call=on_call, on_expert=lambda e, tok, x, g, h: stats.add_expert(e, x, g, h)):
         out = run_layer(layer, hidden, ctx, batch_size)
-    return out, torch.cat(inputs), stats.finalize()
+    st = stats.finalize()
+    if shared_stats is not None:
+        st.update({f"shared.{k}": v for k, v in shared_stats.finalize().items() if not k.startswith("router.")})
+    return out, torch.cat(inputs), st
 
 
 @torch.no_grad()
@@ -67,7 +89,6 @@ def stream(source, adapter, tokens: torch.Tensor, batch_size: int, layers=None, 
     """Dense propagation: yield (layer index, MoE inputs, stats) for each MoE layer, in one pass."""
     layers = adapter.moe_layer_indices() if layers is None else layers
     hidden = embed(source, tokens, batch_size)
-    ctx = source.context(tokens.shape[1])
     it = range(max(layers) + 1)
     if progress:
         from tqdm import tqdm
@@ -76,7 +97,8 @@ def stream(source, adapter, tokens: torch.Tensor, batch_size: int, layers=None, 
     for i in it:
         with source.layer(i) as layer:
             if i in layers:
-                hidden, moe_inputs, st = calibrate_layer(adapter, layer, hidden, ctx, batch_size)
+                hidden, moe_inputs, st = calibrate_layer(adapter, layer, hidden, source.context(tokens.shape[1], i),
+                                                         batch_size)
                 yield i, moe_inputs, st
             else:
-                hidden = run_layer(layer, hidden, ctx, batch_size)
+                hidden = run_layer(layer, hidden, source.context(tokens.shape[1], i), batch_size)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..weights.assemble import layer_params
 from .loss import MoECapture, expert_loss
 from .state import latest_state, load_state, save_state
 
@@ -64,24 +65,22 @@ class FixedMasks:
     def __init__(self, adapter, model, masks: dict[int, dict[str, torch.Tensor]]):
         self.pairs = []
         for layer, m in sorted(masks.items()):
-            for name, p in adapter.expert_params(adapter.decoder_layers(model)[layer]).items():
-                if m[name].shape != p.shape:
-                    raise ValueError(f"layer {layer} {name}: mask {tuple(m[name].shape)} vs weight {tuple(p.shape)}")
-                self.pairs.append((layer, name, p, m[name].to(p.device)))
+            for p, mask in layer_params(adapter, adapter.decoder_layers(model)[layer], m, f"layer {layer} mask"):
+                self.pairs.append((layer, p, mask.bool()))
 
     def mask_grads(self) -> None:
-        for _, _, p, m in self.pairs:
+        for _, p, m in self.pairs:
             if p.grad is not None:
                 p.grad.mul_(m)
 
     @torch.no_grad()
     def apply(self) -> None:
-        for _, _, p, m in self.pairs:
+        for _, p, m in self.pairs:
             p.mul_(m)
 
     def violations(self) -> int:
         """Pruned positions that are not exactly zero."""
-        return sum(int((p.detach()[~m] != 0).sum()) for _, _, p, m in self.pairs)
+        return sum(int((p.detach()[~m] != 0).sum()) for _, p, m in self.pairs)
 
 
 # -- schedule and data order ----------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def distill(student, teacher, s_adapter, t_adapter, masks: dict, data: torch.Ten
             on_checkpoint=None) -> dict:
     """Train ``student`` in place on ``data`` (n, seqlen) token windows; returns the run record (λ, history).
 
-    ``masks[layer]`` = {"gate_up_proj", "down_proj"} bool keep-masks of the student's expert weights. With
+    ``masks[layer]`` = {"gate_up", "down"} bool keep-masks of the student's expert weights. With
     ``state_dir`` the run writes resumable states there and starts from the newest matching one.
     ``on_checkpoint(step)`` is called after each state is written (tests use it to stop a run)."""
     n = data.shape[0]

@@ -50,12 +50,19 @@ def method_scores(sums: dict) -> dict[str, list[float]]:
     }
 
 
-def top_experts(scores: Sequence[float], keep: int) -> list[int]:
-    """The ``keep`` highest-scoring experts (ties: lower index first), ascending."""
+def top_experts(scores: Sequence[float], keep: int, groups=None) -> list[int]:
+    """The ``keep`` highest-scoring experts (ties: lower index first), ascending; with ``groups`` (a
+    group-limited router's), the keep / len(groups) best of every group."""
+    if groups:
+        per = keep // len(groups)
+        return sorted(g[i] for g in groups for i in top_experts([scores[x] for x in g], per))
     order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
     return sorted(order[:keep])
 
 
-def random_experts(num_experts: int, keep: int, seed: int, layer: int) -> list[int]:
-    """A seeded random subset, independent per layer."""
-    return sorted(_random.Random(f"{seed}:{layer}").sample(range(num_experts), keep))
+def random_experts(num_experts: int, keep: int, seed: int, layer: int, groups=None) -> list[int]:
+    """A seeded random subset, independent per layer; with ``groups``, keep / len(groups) of every group."""
+    rng = _random.Random(f"{seed}:{layer}")
+    if groups:
+        return sorted(e for g in groups for e in rng.sample(list(g), keep // len(groups)))
+    return sorted(rng.sample(range(num_experts), keep))

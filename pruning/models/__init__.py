@@ -1,15 +1,27 @@
 """Models: one adapter per MoE family (everything that differs between families), reading and loading
 checkpoints, and the embedded tiny model.
 
-``get_adapter(config)`` picks the adapter for a config's ``model_type``. Adding a family (Qwen2/3-MoE, OLMoE,
-DeepSeek) means one small module with a ``MoEAdapter`` subclass and one line in ``_FAMILIES``.
+``get_adapter(config)`` picks the adapter for a config's ``model_type``. Adding a family means one small module
+with a ``MoEAdapter`` subclass and one line in ``_FAMILIES``.
 """
 from __future__ import annotations
 
 from .adapter import MoEAdapter, UnsupportedModelError
+from .deepseek import DeepseekV2Adapter, DeepseekV3Adapter, Glm4MoeAdapter
+from .gpt_oss import GptOssAdapter
 from .mixtral import MixtralAdapter
+from .qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter, SoftmaxTopKAdapter
 
-_FAMILIES: dict[str, type[MoEAdapter]] = {"mixtral": MixtralAdapter}
+_FAMILIES: dict[str, type[MoEAdapter]] = {
+    "mixtral": MixtralAdapter,
+    "qwen2_moe": Qwen2MoeAdapter,
+    "qwen3_moe": Qwen3MoeAdapter,
+    "olmoe": SoftmaxTopKAdapter,
+    "deepseek_v2": DeepseekV2Adapter,
+    "deepseek_v3": DeepseekV3Adapter,
+    "glm4_moe": Glm4MoeAdapter,
+    "gpt_oss": GptOssAdapter,
+}
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILIES))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..moe import Experts
+from .. import moe
 from . import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 
 MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -50,7 +50,9 @@ def check_moe_config(config: dict) -> None:
             f"model.name_or_path: model_type {config.get('model_type')!r} is a dense (non-MoE) model; "
             f"an MoE checkpoint is required ({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    get_adapter(config)
+    problems = get_adapter(config).problems()
+    if problems:
+        raise UnsupportedModelError(problems[0])
 
 
 def load_config(model_dir):
@@ -68,7 +70,8 @@ def torch_dtype(name) -> torch.dtype:
 
 
 def load_model(model_dir, dtype="float32", device="cpu", trust_remote_code: bool = False):
-    """Whole model, safetensors only, sdpa attention and the eager experts loop (observers see real calls)."""
+    """Whole model, safetensors only, the family's attention (sdpa where it has it) and the eager experts loop
+    (observers see real calls)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -76,7 +79,7 @@ def load_model(model_dir, dtype="float32", device="cpu", trust_remote_code: bool
         dtype=torch_dtype(dtype),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
-        attn_implementation="sdpa",
+        attn_implementation=get_adapter(read_config(Path(model_dir))).attn_implementation,
         experts_implementation="eager",
     )
     return model.to(device).eval()
@@ -112,32 +115,35 @@ def read_tensors(model_dir, keys) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_expert_weights(model_dir, adapter, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's fused expert weights (gate_up (E, 2I, H), down (E, H, I)) read from the shards."""
+def read_experts(model_dir, adapter, layer: int) -> moe.Experts:
+    """One layer's routed experts as ``moe.Experts`` (canonical layout, the family's activation and biases), read
+    from the shards in whichever layout they are stored."""
     model_dir = Path(model_dir)
     wmap = _weight_map(model_dir)
-    keys = adapter.expert_weight_keys(layer)
-    if all(k in wmap for k in keys["fused"]):
-        t = read_tensors(model_dir, keys["fused"])
-        return t[keys["fused"][0]], t[keys["fused"][1]]
-    if all(k in wmap for k in keys["per_expert"]):
-        return adapter.stack_per_expert(read_tensors(model_dir, keys["per_expert"]), layer)
+    for layout, keys in adapter.expert_weight_keys(layer).items():
+        if all(k in wmap for k in keys):
+            return adapter.experts_from_tensors(read_tensors(model_dir, keys), layer, layout)
     raise ModelPathError(f"{model_dir}: layer {layer} expert weights not found under known key layouts")
 
 
-def read_router_weight(model_dir, adapter, layer: int) -> torch.Tensor:
-    """One layer's router weight (E, H) read from the shards."""
+def read_shared_experts(model_dir, adapter, layer: int):
+    """One layer's shared MLP as a one-expert ``moe.Experts`` and its gate weight (None if it has none)."""
+    keys = list(adapter.shared_weight_keys(layer).values())
+    return adapter.shared_from_tensors(read_tensors(Path(model_dir), keys), layer)
+
+
+def read_router(model_dir, adapter, layer: int) -> moe.Router:
+    """One layer's router (weight, logit bias and selection bias where the family has them) from the shards."""
     model_dir = Path(model_dir)
     wmap = _weight_map(model_dir)
-    for key in adapter.router_weight_keys(layer):
-        if key in wmap:
-            return read_tensors(model_dir, [key])[key]
-    raise ModelPathError(f"{model_dir}: layer {layer} router weight not found under known key layouts")
-
-
-def read_experts(model_dir, adapter, layer: int):
-    """One layer's experts as ``moe.Experts`` (with the family's activation), from the shards."""
-    return Experts(*read_expert_weights(model_dir, adapter, layer), adapter.activation())
+    found = {}
+    for role, keys in adapter.router_keys(layer).items():
+        key = next((k for k in keys if k in wmap), None)
+        if key is not None:
+            found[role] = read_tensors(model_dir, [key])[key]
+    if "weight" not in found:
+        raise ModelPathError(f"{model_dir}: layer {layer} router weight not found under known key layouts")
+    return adapter.router_from_tensors(found)
 
 
 def parameter_count(model) -> int:

@@ -93,7 +93,7 @@ def header(results: Results, config: dict, base_report: dict | None) -> str:
     if base_report:
         b = base_report
         text += (
-            f"\n\nEmbedded tiny Mixtral ({b['parameters']:,} parameters, trained on {b['train_tokens']:,} tokens in "
+            f"\n\nEmbedded tiny MoE ({b['parameters']:,} parameters, trained on {b['train_tokens']:,} tokens in "
             f"{b['train_seconds'] / 60:.1f} min): validation token perplexity **{b['validation_ppl']:.2f}** vs "
             f"**{b['unigram_ppl']:.2f}** for a unigram model of the training split."
         )

@@ -9,7 +9,7 @@ e's output for token t, the Hessian of a matrix with inputs x_t is, by token mod
                                                         statistic, so SparseGPT on it is router-weighted SparseGPT
 
 x_t is the MoE-block input for gate_proj/up_proj, and the SwiGLU intermediate of the unpruned expert for
-down_proj (every matrix of a layer is pruned from the same dense forward, as the SparseGPT reference does
+the down projection (every matrix of a layer is pruned from the same dense forward, as the SparseGPT reference does
 without --true-sequential). Accumulated in float32 (float64 on request); the overall scale does not matter
 because SparseGPT's dampening is relative to the mean diagonal.
 """
@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from ..moe import Routing, swiglu
+from ..moe import Experts, Routing
 
 HESSIAN_MODES = ("routed", "all_tokens", "gate_weighted")
 
 
 def expert_hessians(
-    mode: str, inputs: torch.Tensor, routing: Routing, e: int, gate_up: torch.Tensor, act,
+    mode: str, inputs: torch.Tensor, routing: Routing, e: int, experts: Experts,
     dtype=torch.float32, chunk: int = 8192,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(H of the gate_up input (H, H), H of the down_proj input (I, I), number of tokens used) for expert e,
-    whose fused gate_up weight (2I, H) is ``gate_up``; ``inputs`` (T, H) are the layer's MoE-block inputs."""
+    """(H of the gate_up input (H, H), H of the down input (I, I), number of tokens used) for expert e of
+    ``experts``; ``inputs`` (T, H) are the layer's MoE-block inputs."""
     if mode not in HESSIAN_MODES:
         raise ValueError(f"unknown Hessian token mode {mode!r}; allowed: {', '.join(HESSIAN_MODES)}")
     if mode == "all_tokens":
@@ -36,13 +36,13 @@ def expert_hessians(
     else:
         token, g = routing.tokens_of(e)
         scale = g if mode == "gate_weighted" else None
-    w = gate_up.to(dtype)
-    hidden, inter = w.shape[1], w.shape[0] // 2
+    w = experts.to(dtype)
+    hidden, inter = w.gate_up.shape[-1], w.intermediate_size
     h_in = torch.zeros(hidden, hidden, dtype=dtype, device=inputs.device)
     h_mid = torch.zeros(inter, inter, dtype=dtype, device=inputs.device)
     for i in range(0, token.numel(), chunk):
         x = inputs[token[i : i + chunk]].to(dtype)
-        mid = swiglu(x, w, act)
+        mid = w.intermediate(e, x)
         if scale is not None:
             s = scale[i : i + chunk].to(dtype)[:, None]
             x, mid = x * s, mid * s

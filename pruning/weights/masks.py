@@ -98,9 +98,9 @@ def load_masks(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_layer_masks(paths) -> dict[int, dict[str, torch.Tensor]]:
-    """The pipeline's per-layer mask files -> {layer: {"gate_up_proj", "down_proj"}}."""
+    """The pipeline's per-layer mask files -> {layer: {"gate_up", "down"} (and the shared experts' "shared.*")}."""
     out = {}
     for path in paths:
         masks, meta = load_masks(path)
-        out[int(meta["layer"])] = {k: masks[k] for k in ("gate_up_proj", "down_proj")}
+        out[int(meta["layer"])] = masks
     return out

@@ -7,7 +7,7 @@ Two kinds of methods (``pruning.methods.WEIGHT_METHODS``):
                        sparsegpt                 routed tokens, unweighted (the papers' baseline)
                        sparsegpt_all_tokens      every token through every expert (llm-compressor's default)
                        sparsegpt_gate_weighted   routed tokens weighted by g^2: router-weighted SparseGPT
-                     gate_proj, up_proj and down_proj of every expert are pruned as separate matrices (as
+                     the gate, up and down projections of every expert are pruned as separate matrices (as
                      separate nn.Linear modules would be), from the same dense forward.
 
 Experts that no calibration token reaches have all-zero statistics and Hessians, so an activation-aware method
@@ -29,12 +29,12 @@ from .sparsegpt import sparsegpt
 
 
 def _full_masks(experts: Experts) -> dict[str, torch.Tensor]:
-    return {"gate_up_proj": torch.ones_like(experts.gate_up, dtype=torch.bool),
-            "down_proj": torch.ones_like(experts.down, dtype=torch.bool)}
+    return {"gate_up": torch.ones_like(experts.gate_up, dtype=torch.bool),
+            "down": torch.ones_like(experts.down, dtype=torch.bool)}
 
 
 def layer_masks(method: str, pattern: Pattern, experts: Experts, stats: dict | None):
-    """Score methods: ({'gate_up_proj': mask (E, 2I, H), 'down_proj': mask (E, H, I)}, info)."""
+    """Score methods: ({'gate_up': mask (E, 2I, H), 'down': mask (E, H, I)}, info)."""
     masks = _full_masks(experts)
     fallback = []
     for e in range(experts.num_experts):
@@ -42,7 +42,7 @@ def layer_masks(method: str, pattern: Pattern, experts: Experts, stats: dict | N
         if stat_key(method, "gate_up") is not None and int(stats["count"][e]) == 0:
             m = "magnitude"
             fallback.append(e)
-        for key, weights, matrix in (("gate_up_proj", experts.gate_up, "gate_up"), ("down_proj", experts.down, "down")):
+        for key, weights, matrix in (("gate_up", experts.gate_up, "gate_up"), ("down", experts.down, "down")):
             sk = stat_key(m, matrix)
             s = score(m, weights[e], stats[sk][e] if sk else None)
             masks[key][e] = select_mask(s, pattern)
@@ -56,26 +56,27 @@ def layer_sparsegpt(
 ):
     """SparseGPT methods on one layer's experts from its cached MoE-block inputs (T, H) and their routing.
 
-    Returns (masks, updated weights {'gate_up_proj', 'down_proj'} in the input dtype, info).
+    Returns (masks, updated weights {'gate_up', 'down'} in the input dtype, info).
     """
     if method not in SPARSEGPT_METHODS:
         raise ValueError(f"unknown SparseGPT method {method!r}; allowed: {', '.join(SPARSEGPT_METHODS)}")
     mode = WEIGHT_METHODS[method].hessian
     inter = experts.intermediate_size
     masks = _full_masks(experts)
-    new = {"gate_up_proj": experts.gate_up.clone(), "down_proj": experts.down.clone()}
+    new = {k: w.clone(memory_format=torch.contiguous_format) for k, w in (("gate_up", experts.gate_up), ("down", experts.down))}
     fallback, tokens, damp, dead, loss = [], [], 0.0, 0, 0.0
+    work = experts.to(dtype)
     for e in range(experts.num_experts):
-        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, experts.gate_up[e], experts.act, dtype=dtype)
+        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, work, dtype=dtype)
         tokens.append(n)
         if n == 0:
             fallback.append(e)
-            for key in ("gate_up_proj", "down_proj"):
+            for key in ("gate_up", "down"):
                 masks[key][e] = select_mask(new[key][e].abs(), pattern)
                 new[key][e] *= masks[key][e]
             continue
-        parts = (("gate_up_proj", slice(0, inter), h_in), ("gate_up_proj", slice(inter, 2 * inter), h_in),
-                 ("down_proj", slice(None), h_mid))
+        parts = (("gate_up", slice(0, inter), h_in), ("gate_up", slice(inter, 2 * inter), h_in),
+                 ("down", slice(None), h_mid))
         for key, rows, hess in parts:
             w, keep, info = sparsegpt(new[key][e][rows], hess, pattern, blocksize, percdamp, dtype)
             new[key][e][rows], masks[key][e][rows] = w, keep

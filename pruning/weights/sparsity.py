@@ -26,10 +26,15 @@ def sparsity_report(adapter, model) -> dict:
         z = int((ex.gate_up == 0).sum() + (ex.down == 0).sum())
         n = ex.gate_up.numel() + ex.down.numel()
         zeros, total = zeros + z, total + n
-        layers[str(i)] = {"experts": per_expert, "layer": z / n, "router": _frac_zero(adapter.router_weight(layer))}
-    other = [p for n, p in model.named_parameters() if "experts" not in n]
-    other_zero = sum(int((p == 0).sum()) for p in other) / max(1, sum(p.numel() for p in other))
-    return {"expert_sparsity": zeros / total, "layers": layers, "non_expert_sparsity": other_zero}
+        layers[str(i)] = {"experts": per_expert, "layer": z / n, "router": _frac_zero(adapter.router(layer).weight)}
+    roles = adapter.parameter_roles(model)
+    out = {"expert_sparsity": zeros / total, "layers": layers}
+    shared = [p for n, p in model.named_parameters() if roles[n] == "shared"]
+    if shared:  # shared experts (and their gate): dense unless params prune them
+        out["shared_expert_sparsity"] = sum(int((p == 0).sum()) for p in shared) / sum(p.numel() for p in shared)
+    other = [p for n, p in model.named_parameters() if roles[n] in ("router", "dense")]
+    out["non_expert_sparsity"] = sum(int((p == 0).sum()) for p in other) / max(1, sum(p.numel() for p in other))
+    return out
 
 
 def nm_zero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -54,6 +59,11 @@ def check_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> None:
 
 
 def check_layer_nm(adapter, layer, masks: dict[str, torch.Tensor], n: int, m: int) -> None:
-    """``check_nm`` on both fused expert matrices of one layer."""
+    """``check_nm`` on both expert matrices of one layer (canonical layout: groups run along the inputs), and on
+    the shared experts' when they were pruned."""
     for name, param in adapter.expert_params(layer).items():
-        check_nm(param.detach(), masks[name], n, m)
+        check_nm(adapter.canonical(name, param.detach()), masks[name], n, m)
+    if "shared.gate_up" in masks:
+        shared = adapter.shared_expert_weights(layer)
+        check_nm(shared.gate_up.detach(), masks["shared.gate_up"], n, m)
+        check_nm(shared.down.detach(), masks["shared.down"], n, m)

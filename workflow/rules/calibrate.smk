@@ -50,6 +50,7 @@ rule calibrate_sequential:
         model=config["model"],
         calib=config["calib"],
         seed=config["seed"],
+        previous=lambda w: previous_moe_layer(w.layer),
     wildcard_constraints:
         prop="sequential",
     threads: workflow.cores

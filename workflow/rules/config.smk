@@ -28,13 +28,13 @@ MODEL = SWEEP.model
 CID = SWEEP.cid  # the calibration set of weight pruning and skipping
 BUILTIN = config["model"]["name_or_path"] == "builtin"
 if BUILTIN:
-    NUM_LAYERS = config["tiny"]["arch"]["num_layers"]
+    LAYERS = list(range(config["tiny"]["arch"]["num_layers"]))  # the tiny model: every layer is an MoE layer
 else:
+    from pruning.models import get_adapter
     from pruning.models.checkpoint import resolve_dir
 
     INPUT_MODEL_DIR = str(resolve_dir(config["model"]["name_or_path"]))
-    NUM_LAYERS = EXTERNAL_MODEL_CONFIG["num_hidden_layers"]
-LAYERS = list(range(NUM_LAYERS))
+    LAYERS = get_adapter(EXTERNAL_MODEL_CONFIG).moe_layer_indices()  # the MoE layers (dense ones are not pruned)
 
 # lm-eval: the resolved task list ('auto' -> local tasks for the builtin model, the papers' nine otherwise)
 LM_TASKS = resolve_tasks(config["lm_eval"]["tasks"], BUILTIN)
@@ -51,7 +51,8 @@ README_BLOCK = config["report"].get("readme_block", "results")
 
 
 # Library modules most jobs run: the family adapters, checkpoints, the MoE primitives and the job plumbing.
-MODEL_CODE = ("models/__init__", "models/adapter", "models/mixtral", "models/checkpoint", "moe", "jobs", "gpu_pool", "atomic")
+MODEL_CODE = tuple(f"models/{f.stem}" for f in sorted((Path(workflow.basedir) / "pruning/models").glob("*.py"))) + (
+    "moe", "jobs", "gpu_pool", "atomic")
 
 
 def pkg(*modules):

@@ -30,14 +30,14 @@ rule expert_search:
 
 
 def progressive_previous(wildcards):
-    i = int(wildcards.layer)
+    i, j = int(wildcards.layer), previous_moe_layer(wildcards.layer)
     out = {"dense_inputs": DENSE_INPUTS.format(cid=wildcards.cid, layer=i)}
-    if i == 0:
+    if j is None:
         out["tokens"] = tokens_file("full", wildcards.cid)
     else:
         prev = SEARCH.format(cid=wildcards.cid, keep=wildcards.keep)
-        out["hidden"] = f"{prev}/progressive/layer_{i - 1}.hidden_out.safetensors"
-        out["previous"] = f"{prev}/progressive/layer_{i - 1}.json"
+        out["hidden"] = f"{prev}/progressive/layer_{j}.hidden_out.safetensors"
+        out["previous"] = f"{prev}/progressive/layer_{j}.json"
     return out
 
 
@@ -62,6 +62,7 @@ rule expert_search_progressive:
         calib=lambda w: SWEEP.calib_sets[w.cid],
         seed=config["seed"],
         search=SEARCH_PARAMS,
+        previous=lambda w: previous_moe_layer(w.layer),
     threads: workflow.cores
     resources:
         gpu=1,

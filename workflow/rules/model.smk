@@ -1,4 +1,4 @@
-# The embedded default: corpus -> tokenizer + tiny Mixtral (only when model.name_or_path == builtin).
+# The embedded default: corpus -> tokenizer + tiny MoE (only when model.name_or_path == builtin).
 
 
 rule corpus:

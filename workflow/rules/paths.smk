@@ -138,15 +138,22 @@ def layer_files(wildcards):
     return out
 
 
+def previous_moe_layer(layer) -> int | None:
+    """The MoE layer before ``layer`` (dense layers in between are run as they are), None for the first."""
+    k = LAYERS.index(int(layer))
+    return LAYERS[k - 1] if k else None
+
+
 def previous_layer(wildcards):
-    """Sequential propagation, layer i: the calibration tokens (i = 0), else layer i-1's inputs and results."""
-    i = int(wildcards.layer)
-    if i == 0:
+    """Sequential propagation, MoE layer i: the calibration tokens (the first MoE layer), else the previous MoE
+    layer's inputs and results."""
+    j = previous_moe_layer(wildcards.layer)
+    if j is None:
         return {"tokens": tokens_file(wildcards.base, CID)}
     d = variant_of(wildcards).dir
-    out = {"hidden": seq_file(d, "hidden", i - 1), "mask": mask_file(d, i - 1)}
+    out = {"hidden": seq_file(d, "hidden", j), "mask": mask_file(d, j)}
     if WEIGHT_METHODS[wildcards.method].updates_weights:
-        out["weights"] = weights_file(d, i - 1)
+        out["weights"] = weights_file(d, j)
     return out
 
 

@@ -18,6 +18,7 @@ rule mask:
     params:
         model_dir=lambda w: base_dir(w.base),
         seed=config["seed"],
+        shared=config["prune"]["shared_experts"],
     wildcard_constraints:
         method="|".join(SCORE_METHODS),
     resources:
@@ -43,6 +44,7 @@ rule mask_sparsegpt:
         model_dir=lambda w: base_dir(w.base),
         sparsegpt=config["prune"]["sparsegpt"],
         seed=config["seed"],
+        shared=config["prune"]["shared_experts"],
     wildcard_constraints:
         method="|".join(SPARSEGPT_METHODS),
     resources:

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from pruning import jobs
 from pruning.atomic import atomic_dir, write_json
-from pruning.experts.removal import expert_parameter_saving, reduce_experts
+from pruning.experts.removal import expert_saving, reduce_experts, stored_bytes
 from pruning.models import get_adapter
 from pruning.models.checkpoint import file_bytes, load_model, parameter_count, tensor_bytes
 
@@ -14,34 +14,33 @@ p, out = snakemake.params, snakemake.output
 searches = [json.load(open(f)) for f in snakemake.input.searches]
 model = load_model(p.model_dir, p.model["dtype"], "cpu", p.model["trust_remote_code"])
 adapter = get_adapter(model.config)
-E, hidden = adapter.num_experts, model.config.hidden_size
-ex0 = adapter.expert_weights(adapter.decoder_layers(model)[adapter.moe_layer_indices()[0]])
-gu_shape, dn_shape, itemsize = tuple(ex0.gate_up.shape), tuple(ex0.down.shape), ex0.gate_up.element_size()
+E = adapter.num_experts
+itemsize = adapter.expert_weights(adapter.decoder_layers(model)[adapter.moe_layer_indices()[0]]).gate_up.element_size()
 kept = {s["layer"]: s["chosen"][p.method] for s in searches}
-params_before = parameter_count(model)
+params_before, stored_before = parameter_count(model), stored_bytes(model)
+expected, expected_bytes = expert_saving(adapter, model, {i: E - len(k) for i, k in kept.items()})
 reduce_experts(adapter, model, kept, {"method": p.method, "calib_id": p.calib_id})
-params_after = parameter_count(model)
-expected = expert_parameter_saving(gu_shape, dn_shape, hidden, [E - len(k) for k in kept.values()])
+params_after, stored_after = parameter_count(model), stored_bytes(model)
 if params_before - params_after != expected:
     raise AssertionError(f"removed {params_before - params_after} parameters, the dropped experts hold {expected}")
 with atomic_dir(out.checkpoint) as d:
     model.save_pretrained(d)
     AutoTokenizer.from_pretrained(p.model_dir).save_pretrained(d)
     after_tensor, after_file = tensor_bytes(d), file_bytes(d)
-if after_tensor != params_after * itemsize:
-    raise AssertionError(f"saved {after_tensor} tensor bytes for {params_after} parameters of {itemsize} bytes")
+if after_tensor != stored_after:
+    raise AssertionError(f"saved {after_tensor} tensor bytes, the model's parameters and buffers hold {stored_after}")
 before_tensor = tensor_bytes(p.model_dir)
-same_dtype = before_tensor == params_before * itemsize  # the original is stored in the dtype we saved
+same_dtype = before_tensor == stored_before  # the original is stored in the dtype we saved
 report = {
     "method": p.method, "calib_id": p.calib_id, "num_experts_before": E, "num_experts_after": len(next(iter(kept.values()))),
     "parameters_before": params_before, "parameters_after": params_after, "parameters_saved": params_before - params_after,
     "parameters_saved_expected": expected, "dtype_bytes": itemsize,
     "tensor_bytes_before": before_tensor, "tensor_bytes_after": after_tensor,
     "file_bytes_before": file_bytes(p.model_dir), "file_bytes_after": after_file,
-    "tensor_bytes_saving_exact": (before_tensor - after_tensor == expected * itemsize) if same_dtype else None,
+    "tensor_bytes_saving_exact": (before_tensor - after_tensor == expected_bytes) if same_dtype else None,
 }
 if same_dtype and not report["tensor_bytes_saving_exact"]:
-    raise AssertionError(f"tensor bytes saved {before_tensor - after_tensor} != {expected} x {itemsize}")
+    raise AssertionError(f"tensor bytes saved {before_tensor - after_tensor} != {expected_bytes}")
 layers = {}
 for s in searches:
     m = p.method

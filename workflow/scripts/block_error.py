@@ -1,12 +1,12 @@
 """Relative MoE-block output error of one pruned variant, per layer, on the calibration tokens it was pruned on."""
+import torch
 from safetensors.torch import load_file
 
 from pruning import jobs
 from pruning.atomic import write_json
 from pruning.eval.block_error import relative_block_error
 from pruning.models import get_adapter
-from pruning.models.checkpoint import load_config, read_experts, read_router_weight
-from pruning.moe import Experts, route_tokens
+from pruning.models.checkpoint import load_config, read_experts, read_router
 from pruning.weights.masks import load_masks
 
 p, inp = snakemake.params, snakemake.input
@@ -18,10 +18,10 @@ for li, (mask_path, inputs_path) in enumerate(zip(inp.masks, inp.inputs)):
     masks, meta = load_masks(mask_path)
     layer = int(meta["layer"])
     dense = read_experts(p.model_dir, adapter, layer)
-    new = load_file(weights[li]) if weights else {"gate_up_proj": dense.gate_up, "down_proj": dense.down}
-    pruned = Experts(new["gate_up_proj"] * masks["gate_up_proj"], new["down_proj"] * masks["down_proj"], dense.act)
+    new = load_file(weights[li]) if weights else {"gate_up": dense.gate_up, "down": dense.down}
+    pruned = dense.with_weights(new["gate_up"] * masks["gate_up"], new["down"] * masks["down"])
     inputs = load_file(inputs_path)["hidden_states"].float()
-    routing = route_tokens(adapter.route_logits, read_router_weight(p.model_dir, adapter, layer).float(), inputs)
+    routing = read_router(p.model_dir, adapter, layer).to(torch.float32).route(inputs)
     errors[str(layer)] = relative_block_error(dense, pruned, inputs, routing)
     log.info("layer %d: relative MoE-block output error %.5f", layer, errors[str(layer)])
 mean = sum(errors.values()) / len(errors)

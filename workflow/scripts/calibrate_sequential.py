@@ -3,7 +3,7 @@ from safetensors.torch import load_file
 
 from pruning import jobs
 from pruning.atomic import save_safetensors
-from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer
+from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer, run_layers
 from pruning.gpu_pool import claim_device
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_model
@@ -18,15 +18,17 @@ with claim_device() as device:
     model = load_model(p.model_dir, m["dtype"], device, m["trust_remote_code"])
     adapter = get_adapter(model.config)
     source = ResidentSource(model, adapter, device)
-    if i == 0:
-        hidden = embed(source, load_file(inp.tokens)["input_ids"], c["batch_size"])
+    j = p.previous  # the previous MoE layer (None: i is the first); dense layers in between run as they are
+    if j is None:
+        hidden = run_layers(source, embed(source, load_file(inp.tokens)["input_ids"], c["batch_size"]), 0, i, c["batch_size"])
     else:
         prev = load_file(inp.hidden)["hidden_states"].to(device)
-        with source.layer(i - 1) as layer:  # as its mask job left it (SparseGPT: with the updated weights)
+        with source.layer(j) as layer:  # as its mask job left it (SparseGPT: with the updated weights)
             prune_layer(adapter, layer, load_masks(inp.mask)[0], load_file(inp.weights) if "weights" in inp.keys() else None)
-            hidden = run_layer(layer, prev, source.context(prev.shape[1]), c["batch_size"])
+            hidden = run_layer(layer, prev, source.context(prev.shape[1], j), c["batch_size"])
+        hidden = run_layers(source, hidden, j + 1, i, c["batch_size"])
     with source.layer(i) as layer:
-        _, inputs, st = calibrate_layer(adapter, layer, hidden, source.context(hidden.shape[1]), c["batch_size"])
+        _, inputs, st = calibrate_layer(adapter, layer, hidden, source.context(hidden.shape[1], i), c["batch_size"])
     meta = {"layer": i, "propagation": "sequential", **dict(snakemake.wildcards)}
     save_safetensors(snakemake.output.hidden, {"hidden_states": hidden}, meta)
     save_safetensors(snakemake.output.inputs, {"hidden_states": inputs}, meta)

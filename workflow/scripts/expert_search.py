@@ -7,8 +7,7 @@ from pruning.experts.baselines import add_scores, method_scores, random_experts,
 from pruning.experts.search import BlockLoss, search
 from pruning.gpu_pool import claim_device
 from pruning.models import get_adapter
-from pruning.models.checkpoint import load_config, read_experts, read_router_weight
-from pruning.moe import route_tokens
+from pruning.models.checkpoint import load_config, read_experts, read_router
 
 w, p = snakemake.wildcards, snakemake.params
 layer, keep = int(w.layer), int(w.keep)
@@ -18,17 +17,18 @@ E = adapter.num_experts
 with claim_device() as device:
     x = load_file(snakemake.input.inputs)["hidden_states"].to(device)
     experts = read_experts(p.model_dir, adapter, layer).to(device)
-    router = read_router_weight(p.model_dir, adapter, layer).to(device)
+    router = read_router(p.model_dir, adapter, layer).to(device=device)
+    groups = adapter.groups()  # a group-limited router keeps the same number of experts per group
     per = p.calib["seqlen"] * p.calib["batch_size"]  # one calibration batch of sequences, as in NAEE
     batches = [x[i : i + per] for i in range(0, x.shape[0], per)]
-    loss = BlockLoss(batches, router, experts, adapter.route_logits)  # targets: the unpruned block
-    res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"])
+    loss = BlockLoss(batches, router, experts)  # targets: the unpruned block
+    res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"], groups)
     sums = None
     for b in batches:  # the model's own routing (its dtype) and combine weights
-        sums = add_scores(sums, routed_scores(b, route_tokens(adapter.route_logits, router.to(b.dtype), b), experts))
+        sums = add_scores(sums, routed_scores(b, router.to(b.dtype).route(b), experts))
     scores = method_scores(sums)
-    chosen = {"naee": res["kept"], **{m: top_experts(scores[m], keep) for m in scores},
-              "random": random_experts(E, keep, p.seed, layer)}
+    chosen = {"naee": res["kept"], **{m: top_experts(scores[m], keep, groups) for m in scores},
+              "random": random_experts(E, keep, p.seed, layer, groups)}
     known = {tuple(d): v for d, v in res["candidates"]}
     dropped = {m: tuple(e for e in range(E) if e not in k) for m, k in chosen.items()}
     missing = sorted({d for d in dropped.values() if d not in known})

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from pruning import jobs
 from pruning.atomic import save_safetensors, write_json
-from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer
+from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer, run_layers
 from pruning.experts.search import BlockLoss, block_targets, search
 from pruning.gpu_pool import claim_device
 from pruning.models import get_adapter
@@ -19,22 +19,23 @@ with claim_device() as device:
     adapter = get_adapter(model.config)
     E = adapter.num_experts
     source = ResidentSource(model, adapter, device)
-    if i == 0:
-        hidden = embed(source, load_file(inp.tokens)["input_ids"], bs)
+    j = p.previous  # the previous MoE layer (None: i is the first); dense layers in between run as they are
+    if j is None:
+        hidden = run_layers(source, embed(source, load_file(inp.tokens)["input_ids"], bs), 0, i, bs)
     else:
-        hidden = load_file(inp.hidden)["hidden_states"].to(device)
-    ctx = source.context(hidden.shape[1])
+        hidden = run_layers(source, load_file(inp.hidden)["hidden_states"].to(device), j + 1, i, bs)
+    ctx = source.context(hidden.shape[1], i)
     with source.layer(i) as layer:
         _, x, _ = calibrate_layer(adapter, layer, hidden, ctx, bs)  # MoE inputs after the pruned layers < i
         x = x.to(device)
         dense = load_file(inp.dense_inputs)["hidden_states"].to(device)
-        experts, router = adapter.expert_weights(layer), adapter.router_weight(layer)
+        experts, router = adapter.expert_weights(layer), adapter.router(layer)
         per = p.calib["seqlen"] * bs  # one calibration batch of sequences, as in NAEE
         split = lambda t: [t[j : j + per] for j in range(0, t.shape[0], per)]  # noqa: E731
-        targets = block_targets(split(dense), router, experts, adapter.route_logits)
-        loss = BlockLoss(split(x), router, experts, adapter.route_logits, targets=targets)
+        targets = block_targets(split(dense), router, experts)
+        loss = BlockLoss(split(x), router, experts, targets=targets)
         with torch.no_grad():
-            res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"])
+            res = search(loss, E, keep, p.search["max_subsets"], p.search["beam_width"], adapter.groups())
         target_norm = loss.target_norm
         adapter.drop_experts(layer, res["kept"])
         out = run_layer(layer, hidden, ctx, bs)

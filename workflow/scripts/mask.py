@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 from pruning import jobs
 from pruning.gpu_pool import claim_device
 from pruning.models import get_adapter
-from pruning.models.checkpoint import load_config, read_experts
+from pruning.models.checkpoint import load_config, read_experts, read_shared_experts
 from pruning.weights.masks import kept_fraction, mask_metadata, save_masks
 from pruning.weights.pattern import Pattern
 from pruning.weights.prune import layer_masks
@@ -13,8 +13,15 @@ w, p = snakemake.wildcards, snakemake.params
 layer, pattern = int(w.layer), Pattern.parse(w.sp)
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 with claim_device() as device:
-    experts = read_experts(p.model_dir, get_adapter(load_config(p.model_dir)), layer).to(device)
-    masks, info = layer_masks(w.method, pattern, experts, load_file(snakemake.input.stats))
+    adapter = get_adapter(load_config(p.model_dir))
+    experts = read_experts(p.model_dir, adapter, layer).to(device)
+    stats = load_file(snakemake.input.stats)
+    masks, info = layer_masks(w.method, pattern, experts, stats)
+    if p.shared:  # the shared experts: one always-routed expert, statistics weighted by its combine weight
+        shared = read_shared_experts(p.model_dir, adapter, layer)[0].to(device)
+        shared_masks, shared_info = layer_masks(w.method, pattern, shared, {k[7:]: v for k, v in stats.items() if k.startswith("shared.")})
+        masks.update({f"shared.{k}": v for k, v in shared_masks.items()})
+        info["shared_fallback"] = bool(shared_info["fallback_experts"])
     if info["fallback_experts"]:
         log.warning("layer %d: experts %s got no calibration tokens; pruned by magnitude", layer, info["fallback_experts"])
     meta = mask_metadata(w.method, pattern, w.prop, layer, snakemake.input.stats, info)

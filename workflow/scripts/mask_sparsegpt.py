@@ -9,8 +9,10 @@ from pruning import jobs
 from pruning.atomic import save_safetensors
 from pruning.gpu_pool import claim_device
 from pruning.models import get_adapter
-from pruning.models.checkpoint import load_config, read_experts, read_router_weight
-from pruning.moe import route_tokens
+import torch
+
+from pruning.models.checkpoint import load_config, read_experts, read_router, read_shared_experts
+from pruning.moe import Routing
 from pruning.weights.masks import kept_fraction, mask_metadata, save_masks
 from pruning.weights.pattern import Pattern
 from pruning.weights.prune import layer_sparsegpt
@@ -22,10 +24,18 @@ log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 with claim_device() as device:
     adapter = get_adapter(load_config(p.model_dir))
     experts = read_experts(p.model_dir, adapter, layer).to(device)
-    router = read_router_weight(p.model_dir, adapter, layer).to(device)
+    router = read_router(p.model_dir, adapter, layer).to(device=device)
     inputs = load_file(snakemake.input.inputs)["hidden_states"].to(device)
-    routing = route_tokens(adapter.route_logits, router.to(inputs.dtype), inputs)
+    routing = router.to(inputs.dtype).route(inputs)
     masks, new, info = layer_sparsegpt(w.method, pattern, experts, inputs, routing, blocksize, percdamp)
+    if p.shared:  # the shared experts: one always-routed expert with its combine weight (1 or its sigmoid gate)
+        shared, gate = read_shared_experts(p.model_dir, adapter, layer)
+        g = adapter.shared_combine(None if gate is None else gate.to(device), inputs)
+        always = Routing(torch.zeros(inputs.shape[0], 1, dtype=torch.long, device=device), g[:, None])
+        s_masks, s_new, s_info = layer_sparsegpt(w.method, pattern, shared.to(device), inputs, always, blocksize, percdamp)
+        masks.update({f"shared.{k}": v for k, v in s_masks.items()})
+        new.update({f"shared.{k}": v for k, v in s_new.items()})
+        info["shared_obs_loss"] = s_info["obs_loss"]
     if info["fallback_experts"]:
         log.warning("layer %d: experts %s got no calibration tokens; pruned by magnitude", layer, info["fallback_experts"])
     if info["max_damp"] > percdamp:

@@ -27,6 +27,6 @@ with atomic_dir(out.checkpoint) as d:
             (Path(d) / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         elif f.is_file():  # a copy, not a hard link: Snakemake touches outputs, and a shared inode would
             shutil.copyfile(f, Path(d) / f.name)  # make the base checkpoint look newer than everything built on it
-write_json(out.betas, {"rule": "beta_l = median over calibration tokens of w2/w1 (top-2 weights)",
+write_json(out.betas, {"rule": "beta_l = median over calibration tokens of w2/w1 (the two largest top-k weights); drop experts with w < beta_l w1",
                        "calib_id": p.calib_id, "betas": betas, "layers": layers})
 log.info("betas %s", betas)

@@ -1,4 +1,4 @@
-"""The embedded default model: a BPE tokenizer and a tiny Mixtral trained on the corpus's train split."""
+"""The embedded default model: a BPE tokenizer and a tiny MoE trained on the corpus's train split."""
 import time
 
 from pruning import jobs
