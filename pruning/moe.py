@@ -151,16 +151,6 @@ class Router:
         parts = [self.route_logits(self.logits(x[i : i + chunk]), dropped) for i in range(0, x.shape[0], chunk)]
         return Routing(torch.cat([p.index for p in parts]), torch.cat([p.weights for p in parts]))
 
-    def groups(self) -> list[list[int]] | None:
-        """The expert groups of a group-limited router (contiguous, equal), or None."""
-        n, e = self.rule.n_group, self.num_experts
-        return [list(range(g * e // n, (g + 1) * e // n)) for g in range(n)] if n > 1 else None
-
-
-def route_tokens(router: Router, x: torch.Tensor, chunk: int = 8192) -> Routing:
-    """Routing of MoE-block inputs x (T, H) through ``router``, ``chunk`` tokens at a time."""
-    return router.route(x, chunk=chunk)
-
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, act, bias: torch.Tensor | None = None, glu=None) -> torch.Tensor:
     """One expert's gated intermediate, the input of the down projection: (n, H) -> (n, I). ``gate_up`` (2I, H): rows
