@@ -49,8 +49,12 @@ def start(log_path, seed: int | None = None, threads: int | None = None) -> logg
     return log
 
 
-def environment(device: str = "cpu") -> dict:
+def environment(device: str | list[str] = "cpu") -> dict:
+    """Package versions, platform and what the job ran on: ``device`` as given (a string or a list, as
+    ``gpu_pool.claim_device(s)`` yields), and ``devices``, one ``gpu_pool.describe_device`` per device."""
     import torch
+
+    from .gpu_pool import describe_device
 
     versions = {}
     for p in PACKAGES:
@@ -58,15 +62,16 @@ def environment(device: str = "cpu") -> dict:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
+    devices = list(device) if isinstance(device, (list, tuple)) else [device]
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
-        "device": device,
+        "device": [str(d) for d in devices] if isinstance(device, (list, tuple)) else str(device),
+        "devices": [describe_device(d) for d in devices],
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
     }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if any(str(d).startswith("cuda") for d in devices):
         info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return info

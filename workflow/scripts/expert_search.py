@@ -5,7 +5,7 @@ from pruning import jobs
 from pruning.atomic import write_json
 from pruning.experts.baselines import add_scores, method_scores, random_experts, routed_scores, top_experts
 from pruning.experts.search import BlockLoss, search
-from pruning.gpu_pool import claim_device
+from pruning.gpu_pool import claim_device, log_device
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_config, read_experts, read_router
 
@@ -15,6 +15,7 @@ log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 adapter = get_adapter(load_config(p.model_dir))
 E = adapter.num_experts
 with claim_device() as device:
+    log_device(log, device)
     x = load_file(snakemake.input.inputs)["hidden_states"].to(device)
     experts = read_experts(p.model_dir, adapter, layer).to(device)
     router = read_router(p.model_dir, adapter, layer).to(device=device)

@@ -2,7 +2,7 @@
 from safetensors.torch import load_file
 
 from pruning import jobs
-from pruning.gpu_pool import claim_device
+from pruning.gpu_pool import claim_device, log_device
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_config, read_experts, read_shared_experts
 from pruning.weights.masks import kept_fraction, mask_metadata, save_masks
@@ -13,6 +13,7 @@ w, p = snakemake.wildcards, snakemake.params
 layer, pattern = int(w.layer), Pattern.parse(w.sp)
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 with claim_device() as device:
+    log_device(log, device)
     adapter = get_adapter(load_config(p.model_dir))
     experts = read_experts(p.model_dir, adapter, layer).to(device)
     stats = load_file(snakemake.input.stats)

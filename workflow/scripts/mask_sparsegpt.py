@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from pruning import jobs
 from pruning.atomic import save_safetensors
-from pruning.gpu_pool import claim_device
+from pruning.gpu_pool import claim_device, log_device
 from pruning.models import get_adapter
 import torch
 
@@ -22,6 +22,7 @@ blocksize, percdamp = p.sparsegpt.get("blocksize", 128), p.sparsegpt.get("dampen
 layer, pattern = int(w.layer), Pattern.parse(w.sp)
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 with claim_device() as device:
+    log_device(log, device)
     adapter = get_adapter(load_config(p.model_dir))
     experts = read_experts(p.model_dir, adapter, layer).to(device)
     router = read_router(p.model_dir, adapter, layer).to(device=device)
