@@ -72,7 +72,8 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
             with open(raw, "rb") as src, open(tmp, "wb") as dst:
                 (n,) = struct.unpack("<Q", src.read(8))
                 header = json.loads(src.read(n))
-                ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if meta else {}
+                stored = header.pop("__metadata__", None)  # present, possibly empty, whenever metadata was passed
+                ordered = {"__metadata__": dict(sorted(stored.items()))} if stored else {}
                 ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
                 blob = json.dumps(ordered, separators=(",", ":")).encode()
                 blob += b" " * (-len(blob) % 8)

@@ -92,3 +92,18 @@ def test_safetensors_bytes_are_canonical_across_processes(tmp_path):
     with safe_open(str(files[0]), framework="pt") as f:
         assert f.metadata() == {f"k{i}": str(i) for i in range(12)}
         assert f.get_tensor("w").tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("metadata", [None, {}])
+def test_safetensors_without_metadata(tmp_path, metadata):
+    """No metadata, or an empty dict: a valid file with the tensors and no metadata, the same bytes either way."""
+    from safetensors import safe_open
+
+    from pruning.atomic import save_safetensors
+
+    path = tmp_path / "t.safetensors"
+    save_safetensors(path, {"b": torch.ones(2), "a": torch.zeros(3)}, metadata)
+    with safe_open(str(path), framework="pt") as f:
+        assert not f.metadata() and sorted(f.keys()) == ["a", "b"] and f.get_tensor("b").tolist() == [1.0, 1.0]
+    save_safetensors(tmp_path / "u.safetensors", {"b": torch.ones(2), "a": torch.zeros(3)})
+    assert path.read_bytes() == (tmp_path / "u.safetensors").read_bytes()
