@@ -2,7 +2,8 @@
 Snakemake nor DVC. Read it in the order of the DAG:
 
     data/       the built-in corpus, text sources and token windows, the local lm-eval tasks
-    models/     one adapter per MoE family, checkpoints (read, load, sizes), the embedded tiny model
+    models/     one adapter per MoE family, checkpoints (read, load, sizes), layers one at a time from the shards
+                (layer_source), the embedded tiny model
     moe         the MoE primitives every stage computes with: routing, an expert's forward, the block output
     calib/      calibration passes over the decoder layers and the statistics they accumulate
     weights/    pruning expert weights: patterns, scores, masks, Hessians, SparseGPT, assembling the model
@@ -13,5 +14,5 @@ Snakemake nor DVC. Read it in the order of the DAG:
 
 Across stages: ``methods`` (every method's name and label), ``variant`` (a model's identity: path, label,
 metric key), ``sweep`` (the models a params file asks for), ``params`` (validation), and the job plumbing
-``jobs`` (logs, seeds, environment), ``gpu_pool`` (one device per job) and ``atomic`` (atomic artifact writes).
+``jobs`` (logs, seeds, environment), ``gpu_pool`` (explicit devices per job) and ``atomic`` (atomic artifact writes).
 """

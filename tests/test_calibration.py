@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from pruning.models import get_adapter
-from pruning.calib.stream import ResidentSource, calibrate_layer, stream
+from pruning.calib.stream import calibrate_layer, stream
+from pruning.models.layer_source import ResidentSource
 from pruning.moe import Experts, Router
 from pruning.weights.pattern import Pattern
 from pruning.weights.prune import layer_masks

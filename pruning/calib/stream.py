@@ -1,38 +1,15 @@
 """Layer-by-layer streaming calibration: run decoder layers over the calibration tokens, observing the experts.
 
 Only one decoder layer's activations (hidden states of all calibration samples entering that layer)
-are held at a time. Layers come from a ``LayerSource``; ``ResidentSource`` wraps a loaded model. A source
-that materialises each decoder layer from the checkpoint shards on demand implements the same three
-methods, and nothing here assumes the whole model is resident.
+are held at a time. Layers come from a layer source (``pruning.models.layer_source``): a model loaded whole,
+or one decoder layer at a time built from the checkpoint's shards; nothing here assumes the whole model is
+resident.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from .stats import LayerStats
-
-
-class ResidentSource:
-    """A ``LayerSource`` over a model loaded whole (``pruning.models.checkpoint.load_model``)."""
-
-    def __init__(self, model, adapter, device="cpu"):
-        self.model, self.adapter, self.device = model, adapter, device
-        self._contexts: dict[int, list[dict]] = {}
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.adapter.embed(self.model, input_ids.to(self.device))
-
-    def context(self, seqlen: int, i: int) -> dict:
-        """Keyword arguments decoder layer ``i`` gets for ``seqlen``-long sequences (masks, rotary embeddings)."""
-        if seqlen not in self._contexts:
-            self._contexts[seqlen] = self.adapter.layer_context(self.model, seqlen, self.device)
-        return self._contexts[seqlen][i]
-
-    @contextlib.contextmanager
-    def layer(self, i: int):
-        yield self.adapter.decoder_layers(self.model)[i]
 
 
 @torch.no_grad()

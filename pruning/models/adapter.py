@@ -281,6 +281,10 @@ class MoEAdapter:
     def embed(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         return model.get_input_embeddings()(input_ids)
 
+    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last decoder layer's output: the final norm, then the LM head."""
+        return model.get_output_embeddings()(model.model.norm(hidden))
+
     @torch.no_grad()
     def layer_context(self, model, seqlen: int, device) -> list[dict]:
         """Keyword arguments each decoder layer gets for a batch of ``seqlen``-long unpadded sequences, one dict
@@ -322,10 +326,15 @@ class MoEAdapter:
         keys = self.expert_weight_keys(layer)[layout]
         if layout == "fused":
             gate_up, down = (self.canonical(n, tensors[k]) for n, k in zip(self.param_names, keys))
-        else:
-            e_keys = [keys[i : i + 3] for i in range(0, len(keys), 3)]
-            gate_up = torch.stack([torch.cat([tensors[g], tensors[u]], 0) for g, u, _ in e_keys])
-            down = torch.stack([tensors[d] for _, _, d in e_keys])
+        else:  # filled expert by expert, so a lazy mapping (``checkpoint.ShardReader``) holds one expert at a time
+            gate_up = down = None
+            for e, (g, u, d) in enumerate(keys[i : i + 3] for i in range(0, len(keys), 3)):
+                tg, tu, td = tensors[g], tensors[u], tensors[d]
+                if gate_up is None:
+                    n = len(keys) // 3
+                    gate_up = tg.new_empty(n, tg.shape[0] + tu.shape[0], tg.shape[1])
+                    down = td.new_empty(n, *td.shape)
+                gate_up[e, : tg.shape[0]], gate_up[e, tg.shape[0] :], down[e] = tg, tu, td
         return moe.Experts(gate_up, down, self.activation())
 
     def router_keys(self, layer: int) -> dict[str, list[str]]:
@@ -354,3 +363,102 @@ class MoEAdapter:
                     for p in getattr(block, name).parameters():
                         role[id(p)] = r
         return {n: role.get(id(p), "dense") for n, p in model.named_parameters()}
+
+    # -- rewriting checkpoints tensor by tensor --------------------------------------------------------
+    # ``pruning.models.rewrite`` streams a checkpoint's shards one tensor at a time; these say, per checkpoint
+    # key, what it holds, so that masks, updated weights and expert removal reach the right slices.
+
+    def checkpoint_layout(self, layer: int, keys) -> str | None:
+        """The on-disk layout ('fused', 'per_expert') in which checkpoint ``keys`` hold one MoE layer's experts
+        (None: in neither)."""
+        for layout, wanted in self.expert_weight_keys(layer).items():
+            if all(k in keys for k in wanted):
+                return layout
+        return None
+
+    def weight_key_parts(self, layer: int, layout: str) -> dict:
+        """Which part of which canonical per-layer tensor each checkpoint key of one MoE layer's prunable weights
+        holds, as ``rewrite.Part(name, expert, half)``: the routed experts' ('gate_up' (E, 2I, H), 'down'
+        (E, H, I)) in ``layout`` (a fused key holds every expert in its parameter's layout, ``native``; a
+        per-expert key one expert's gate rows (half 0), up rows (half 1) or down matrix) and the shared MLP's
+        ('shared.gate_up' (1, 2I, H), 'shared.down' (1, H, I)), whose keys are the same in both layouts."""
+        from .rewrite import Part
+
+        p = f"model.layers.{layer}"
+        if layout == "fused":
+            parts = {f"{p}.{self.block_name}.{self.experts_name}.{param}": Part(name, None, None)
+                     for name, param in self.param_names.items()}
+        elif layout == "per_expert":
+            gate, up, down = self.hub_expert_names
+            parts = {}
+            for e in range(self.num_experts):
+                q = f"{p}.{self.hub_block_name}.experts.{e}"
+                parts.update({f"{q}.{gate}.weight": Part("gate_up", e, 0), f"{q}.{up}.weight": Part("gate_up", e, 1),
+                              f"{q}.{down}.weight": Part("down", e, None)})
+        else:
+            raise ValueError(f"unknown checkpoint layout {layout!r}")
+        if self.has_shared_experts:
+            keys = self.shared_weight_keys(layer)
+            parts.update({keys["gate"]: Part("shared.gate_up", 0, 0), keys["up"]: Part("shared.gate_up", 0, 1),
+                          keys["down"]: Part("shared.down", 0, None)})
+        return parts
+
+    def part_tensor(self, part, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint key's tensor cut from the full canonical tensor of its ``weight_key_parts`` part (a mask,
+        updated weights): a fused key's is the whole tensor in the parameter's layout (``native``, which works
+        expert by expert along dim 0, so a slice of experts gives those experts' slice), a per-expert key's
+        one expert's rows."""
+        if part.expert is None:
+            return self.native(part.name, tensor)
+        t = tensor[part.expert]
+        if part.half is not None:
+            rows = t.shape[0] // 2
+            t = t[part.half * rows:(part.half + 1) * rows]
+        return t
+
+    def part_canonical(self, part, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint key's tensor (``weight_key_parts``) in the canonical layout, (experts, rows, cols): a fused
+        key's every expert (``canonical``), a per-expert key's one expert's rows as a one-expert tensor."""
+        return self.canonical(part.name, tensor) if part.expert is None else tensor[None]
+
+    def checkpoint_key_names(self, layer: int, layout: str) -> dict[str, str]:
+        """The model's state-dict name of each checkpoint key of one MoE layer that is stored under another name:
+        the per-expert layout's expert keys (the fused parameter they load into) and the router's keys under the
+        hub's block name."""
+        p = f"model.layers.{layer}"
+        names = {}
+        if layout == "per_expert":
+            fused = {name: f"{p}.{self.block_name}.{self.experts_name}.{param}" for name, param in self.param_names.items()}
+            names.update({key: fused[part.name] for key, part in self.weight_key_parts(layer, layout).items()
+                          if part.name in fused})
+        if self.hub_block_name != self.block_name:
+            for keys in self.router_keys(layer).values():
+                names.update({k: k.replace(f"{p}.{self.hub_block_name}.", f"{p}.{self.block_name}.", 1) for k in keys
+                              if k.startswith(f"{p}.{self.hub_block_name}.")})
+        return names
+
+    def expert_removal_keys(self, layer: int, layout: str, keys, kept: list[int]) -> dict[str, tuple[str | None, bool]]:
+        """How keeping only experts ``kept`` (original indices) changes one MoE layer's checkpoint ``keys`` (key ->
+        shape): {key: (its new key, None if it goes; whether its first dim is index-selected)} for the keys that
+        change. As ``drop_experts``: in the fused layout every tensor directly in the experts module or the
+        router whose first dim is the expert count (weights, expert and router biases, selection bias) keeps
+        the rows ``kept``; in the per-expert layout the removed experts' keys go and the kept ones are renumbered
+        in ascending order (``experts.{old}`` -> ``experts.{new}``); the router's rows as in the fused layout."""
+        import re
+
+        n, p = self.num_experts, f"model.layers.{layer}"
+        new_index = {old: new for new, old in enumerate(sorted(kept))}
+        numbered = re.compile(rf"{re.escape(p)}\.{re.escape(self.hub_block_name)}\.experts\.(\d+)\.(.+)")
+        modules = [f"{p}.{self.block_name}.{self.experts_name}."]
+        modules += [f"{p}.{b}.{self.router_name}." for b in sorted({self.block_name, self.hub_block_name})]
+        out = {}
+        for key, shape in keys.items():
+            m = numbered.fullmatch(key) if layout == "per_expert" else None
+            if m:
+                e = int(m[1])
+                new = f"{p}.{self.hub_block_name}.experts.{new_index[e]}.{m[2]}" if e in new_index else None
+                out[key] = (new, False)
+            elif (len(shape) and shape[0] == n
+                  and any(key.startswith(q) and "." not in key[len(q):] for q in modules)):
+                out[key] = (key, True)
+        return out

@@ -3,6 +3,7 @@ their sizes. Per-layer jobs read only the tensors they need from the shards; ``l
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -69,9 +70,10 @@ def torch_dtype(name) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(model_dir, dtype="float32", device="cpu", trust_remote_code: bool = False):
+def load_model(model_dir, dtype="float32", device="cpu", trust_remote_code: bool = False, **placement):
     """Whole model, safetensors only, the family's attention (sdpa where it has it) and the eager experts loop
-    (observers see real calls)."""
+    (observers see real calls). ``placement`` (``device_map``, ``max_memory``, ``offload_folder``) hands the
+    placement to accelerate's big-model inference instead of moving the model to ``device``."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -81,8 +83,9 @@ def load_model(model_dir, dtype="float32", device="cpu", trust_remote_code: bool
         trust_remote_code=trust_remote_code,
         attn_implementation=get_adapter(read_config(Path(model_dir))).attn_implementation,
         experts_implementation="eager",
+        **placement,
     )
-    return model.to(device).eval()
+    return (model if placement.get("device_map") else model.to(device)).eval()
 
 
 def _weight_map(model_dir: Path) -> dict[str, str]:
@@ -115,6 +118,28 @@ def read_tensors(model_dir, keys) -> dict[str, torch.Tensor]:
     return out
 
 
+class ShardReader(Mapping):
+    """The checkpoint's tensors under ``keys`` as a mapping that reads each tensor from its shard when asked for it
+    (nothing is held: a consumer that drops what it read keeps one tensor in memory at a time)."""
+
+    def __init__(self, model_dir, keys):
+        self.model_dir, self.wmap, self._keys = Path(model_dir), _weight_map(Path(model_dir)), list(keys)
+
+    def __getitem__(self, key):
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.model_dir / self.wmap[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
 def read_experts(model_dir, adapter, layer: int) -> moe.Experts:
     """One layer's routed experts as ``moe.Experts`` (canonical layout, the family's activation and biases), read
     from the shards in whichever layout they are stored."""
@@ -122,7 +147,7 @@ def read_experts(model_dir, adapter, layer: int) -> moe.Experts:
     wmap = _weight_map(model_dir)
     for layout, keys in adapter.expert_weight_keys(layer).items():
         if all(k in wmap for k in keys):
-            return adapter.experts_from_tensors(read_tensors(model_dir, keys), layer, layout)
+            return adapter.experts_from_tensors(ShardReader(model_dir, keys), layer, layout)
     raise ModelPathError(f"{model_dir}: layer {layer} expert weights not found under known key layouts")
 
 

@@ -12,7 +12,8 @@ def _frac_zero(t: torch.Tensor) -> float:
 def sparsity_report(adapter, model) -> dict:
     """Achieved sparsity per matrix (gate, up, down) of every expert, per layer and over all experts.
 
-    Router, attention, norms and embeddings are not pruned; their sparsity is reported as a check.
+    Router, attention, norms and embeddings are not pruned; their sparsity is reported as a check. A rewritten
+    checkpoint's is computed as it streams (``SparsityTally``, ``models.rewrite``), the same dict.
     """
     layers, zeros, total = {}, 0, 0
     for i in adapter.moe_layer_indices():
@@ -35,6 +36,60 @@ def sparsity_report(adapter, model) -> dict:
     other = [p for n, p in model.named_parameters() if roles[n] in ("router", "dense")]
     out["non_expert_sparsity"] = sum(int((p == 0).sum()) for p in other) / max(1, sum(p.numel() for p in other))
     return out
+
+
+def count_zeros(t: torch.Tensor) -> int:
+    """Zeros in a tensor (-0.0 included, as ``t == 0``), without a temporary the size of the tensor."""
+    return t.numel() - int(torch.count_nonzero(t))
+
+
+class SparsityTally:
+    """``sparsity_report`` from zero counts handed over while a checkpoint streams past (``models.rewrite``),
+    never the model: each routed expert's gate, up and down per MoE layer, each layer's router weight, and the
+    other parameters by role ('shared': shared experts and their gate; 'router' and 'dense': the rest). Counts
+    are integers, so the fractions equal the model-based report's exactly."""
+
+    def __init__(self, adapter):
+        self.num_experts = adapter.num_experts
+        self.experts: dict[int, dict[tuple[int, str], list[int]]] = {i: {} for i in adapter.moe_layer_indices()}
+        self.routers: dict[int, tuple[int, int]] = {}
+        self.shared: list[int] | None = None  # [zeros, numel], None while no shared parameter was seen
+        self.other = [0, 0]
+
+    def expert(self, layer: int, expert: int, matrix: str, zeros: int, numel: int) -> None:
+        c = self.experts[layer].setdefault((expert, matrix), [0, 0])
+        c[0] += zeros
+        c[1] += numel
+
+    def router(self, layer: int, zeros: int, numel: int) -> None:
+        self.routers[layer] = (zeros, numel)
+
+    def parameter(self, role: str, zeros: int, numel: int) -> None:
+        if role == "shared":
+            self.shared = self.shared or [0, 0]
+            self.shared[0] += zeros
+            self.shared[1] += numel
+        elif role in ("router", "dense"):
+            self.other[0] += zeros
+            self.other[1] += numel
+
+    def report(self) -> dict:
+        layers, zeros, total = {}, 0, 0
+        for i, counts in self.experts.items():
+            missing = [(e, m) for e in range(self.num_experts) for m in ("gate", "up", "down") if (e, m) not in counts]
+            if missing or i not in self.routers:
+                raise ValueError(f"layer {i}: no zero counts for {missing[:3] or 'the router'}")
+            per_expert = [{m: counts[e, m][0] / counts[e, m][1] for m in ("gate", "up", "down")}
+                          for e in range(self.num_experts)]
+            z, n = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+            zeros, total = zeros + z, total + n
+            rz, rn = self.routers[i]
+            layers[str(i)] = {"experts": per_expert, "layer": z / n, "router": rz / rn}
+        out = {"expert_sparsity": zeros / total, "layers": layers}
+        if self.shared:
+            out["shared_expert_sparsity"] = self.shared[0] / self.shared[1]
+        out["non_expert_sparsity"] = self.other[0] / max(1, self.other[1])
+        return out
 
 
 def nm_zero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ rule evaluate_ppl:
     input:
         checkpoint=checkpoint_inputs,
         corpus=corpus_inputs(),
-        code=pkg(*MODEL_CODE, "experts/skipping", "experts/removal", "eval/perplexity", "eval/usage", "data/sources",
+        code=pkg(*MODEL_CODE, "experts/skipping", "experts/removal", "eval/perplexity", "eval/usage", "calib/stream", "data/sources",
                  "data/corpus"),
     output:
         f"{ANY}/eval/{{ds}}.json",
@@ -24,7 +24,7 @@ rule evaluate_ppl:
         corpus_dir=CORPUS,
     threads: 1  # job start-up is single-threaded: on CPU two 1-thread jobs beat one 2-thread job
     resources:
-        gpu=1,
+        gpu=config["model"]["gpus"],  # a model larger than one GPU spreads over model.gpus
     script:
         "../scripts/evaluate_ppl.py"
 

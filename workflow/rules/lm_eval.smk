@@ -41,6 +41,6 @@ rule evaluate_lm_eval:
         task_dir=LM_TASK_DIR,
     threads: 1
     resources:
-        gpu=1,
+        gpu=config["model"]["gpus"],  # a model larger than one GPU spreads over model.gpus
     script:
         "../scripts/evaluate_lm_eval.py"

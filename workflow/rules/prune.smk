@@ -58,7 +58,7 @@ rule apply:
     input:
         unpack(layer_files),
         model=base_inputs,
-        code=pkg(*MODEL_CODE, "weights/assemble", "weights/sparsity", "weights/masks", "weights/pattern"),
+        code=pkg(*MODEL_CODE, "weights/sparsity", "weights/pattern"),
     output:
         checkpoint=checkpoint_output(directory(VARIANT.file("checkpoint"))),
         sparsity=VARIANT.file("sparsity"),

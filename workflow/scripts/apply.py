@@ -1,39 +1,47 @@
-"""Zero the masked expert weights and save a standard HF checkpoint (safetensors) + achieved sparsity."""
+"""Zero the masked expert weights and save a standard HF checkpoint (safetensors) + achieved sparsity.
+
+The model is never loaded: the base checkpoint streams tensor by tensor through the masks (and a SparseGPT
+method's updated weights) into new shards in the base's key layout and stored dtype (``models.rewrite``); the
+sparsity report and the N:M check are computed on the way."""
 import json
 
-from safetensors.torch import load_file
-from transformers import AutoTokenizer
-
 from pruning import jobs
-from pruning.atomic import atomic_dir, write_json
-from pruning.models import get_adapter
-from pruning.models.checkpoint import load_model
-from pruning.weights.assemble import prune_layer
-from pruning.weights.masks import load_masks
+from pruning.atomic import write_json
+from pruning.models.rewrite import read_metadata, rewrite_checkpoint
 from pruning.weights.pattern import Pattern
-from pruning.weights.sparsity import check_layer_nm, sparsity_report
 
 log = jobs.start(snakemake.log[0])
 p, w, inp = snakemake.params, snakemake.wildcards, snakemake.input
 pattern = Pattern.parse(w.sp)
-model = load_model(p.model_dir, p.model["dtype"], "cpu", p.model["trust_remote_code"])
-adapter = get_adapter(model.config)
-mask_meta = {}
-weight_files = inp.get("weights", [])  # SparseGPT methods: updated surviving weights
+masks, weights, mask_meta = {}, {}, {}
+weight_files = inp.get("weights", [])  # SparseGPT methods: updated surviving weights, one per mask file
 for li, path in enumerate(inp.masks):
-    masks, meta = load_masks(path)
-    layer = adapter.decoder_layers(model)[int(meta["layer"])]
-    prune_layer(adapter, layer, masks, load_file(weight_files[li]) if weight_files else None)
-    mask_meta[int(meta["layer"])] = {"fallback_experts": json.loads(meta["fallback_experts"]), "stats_sha256": meta["stats_sha256"]}
-    if pattern.is_nm:  # exactly N of every M pruned, and zero, in what is saved
-        check_layer_nm(adapter, layer, masks, pattern.n, pattern.m)
+    meta = read_metadata(path)
+    layer = int(meta["layer"])
+    masks[layer] = path
+    mask_meta[layer] = {"fallback_experts": json.loads(meta["fallback_experts"]), "stats_sha256": meta["stats_sha256"]}
+    if weight_files:
+        wlayer = read_metadata(weight_files[li]).get("layer")
+        if wlayer is not None and int(wlayer) != layer:
+            raise ValueError(f"{weight_files[li]} holds layer {wlayer}, its mask file {path} layer {layer}")
+        weights[layer] = weight_files[li]
 
-report = sparsity_report(adapter, model)
-report.update(method=w.method, pattern=pattern.kind, target_sparsity=pattern.target, propagation=w.prop, masks=mask_meta,
-              weights_updated=bool(weight_files))
-with atomic_dir(snakemake.output.checkpoint) as d:
-    model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(p.model_dir).save_pretrained(d)
-    write_json(f"{d}/pruning_config.json", {k: v for k, v in report.items() if k != "layers"})
+
+def build_report(sparsity: dict) -> dict:
+    return {**sparsity, "method": w.method, "pattern": pattern.kind, "target_sparsity": pattern.target,
+            "propagation": w.prop, "masks": mask_meta, "weights_updated": bool(weight_files)}
+
+
+def finish(d, result):
+    write_json(d / "pruning_config.json", {k: v for k, v in build_report(result.sparsity).items() if k != "layers"})
+
+
+result = rewrite_checkpoint(p.model_dir, snakemake.output.checkpoint, masks=masks, weights=weights or None,
+                            nm=(pattern.n, pattern.m) if pattern.is_nm else None,  # exactly N of every M pruned, and zero
+                            report=True, trust_remote_code=p.model["trust_remote_code"], finish=finish)
+report = build_report(result.sparsity)
 write_json(snakemake.output.sparsity, report)
+if result.unmapped:
+    log.warning("%d checkpoint keys the model has no parameter for were copied unchanged (e.g. %s)",
+                len(result.unmapped), result.unmapped[0])
 log.info("expert sparsity %.4f (target %s); non-expert sparsity %.6f", report["expert_sparsity"], pattern, report["non_expert_sparsity"])

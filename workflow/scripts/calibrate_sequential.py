@@ -3,10 +3,9 @@ from safetensors.torch import load_file
 
 from pruning import jobs
 from pruning.atomic import save_safetensors
-from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer, run_layers
-from pruning.gpu_pool import claim_device
-from pruning.models import get_adapter
-from pruning.models.checkpoint import load_model
+from pruning.calib.stream import calibrate_layer, embed, run_layer, run_layers
+from pruning.gpu_pool import claim_device, log_device
+from pruning.models.layer_source import open_source
 from pruning.weights.assemble import prune_layer
 from pruning.weights.masks import load_masks
 
@@ -15,9 +14,9 @@ c, m = p.calib, p.model
 i = int(snakemake.wildcards.layer)
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 with claim_device() as device:
-    model = load_model(p.model_dir, m["dtype"], device, m["trust_remote_code"])
-    adapter = get_adapter(model.config)
-    source = ResidentSource(model, adapter, device)
+    log_device(log, device)
+    source = open_source(p.model_dir, m["dtype"], device, m["offload"], m["trust_remote_code"])
+    adapter = source.adapter
     j = p.previous  # the previous MoE layer (None: i is the first); dense layers in between run as they are
     if j is None:
         hidden = run_layers(source, embed(source, load_file(inp.tokens)["input_ids"], c["batch_size"]), 0, i, c["batch_size"])

@@ -10,22 +10,27 @@ from pruning.data.sources import docs, tokenize_docs, windows
 from pruning.eval.perplexity import perplexity
 from pruning.eval.usage import count_expert_calls
 from pruning.experts.removal import original_index
-from pruning.experts.skipping import load_model, skip_rates
-from pruning.gpu_pool import claim_device
-from pruning.models import get_adapter
+from pruning.experts import skipping
+from pruning.experts.skipping import skip_rates
+from pruning.gpu_pool import claim_devices, log_device
 from pruning.models.checkpoint import file_bytes, parameter_count
+from pruning.models.layer_source import open_source
 
 p = snakemake.params
 e, m, ckpt = p.eval, p.model, p.checkpoint
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
-with claim_device() as device:
+with claim_devices(m["gpus"]) as devices:  # whole-model job: model.gpus devices
+    device = devices[0]
+    log_device(log, devices)
     tok = AutoTokenizer.from_pretrained(ckpt)
     win = windows(tokenize_docs(tok, docs(e["dataset"], "test", p.corpus_dir)), e["seqlen"], e["max_windows"])
-    model = load_model(ckpt, m["dtype"], device, m["trust_remote_code"])  # skips when config.betas is set
-    adapter = get_adapter(model.config)
+    skipping.register()  # a checkpoint whose config.betas is set skips, resident or streamed
+    source = open_source(ckpt, m["dtype"], device, m["offload"], m["trust_remote_code"])
+    model, adapter = source.model, source.adapter
+    log.info("layers from %s", type(source).__name__)
     t0 = time.time()
     with count_expert_calls(adapter, model) as usage:
-        ppl = perplexity(model, win, e["batch_size"], device, progress=True)
+        ppl = perplexity(source, win, e["batch_size"], device, progress=True)
     seconds = time.time() - t0
     result = {
         "token_ppl": ppl,
@@ -42,7 +47,7 @@ with claim_device() as device:
         "checkpoint_bytes": file_bytes(ckpt),
         "expert_usage": usage.summary(lambda i, n: original_index(model.config, i, n)),
         "skipping": {str(k): v for k, v in skip_rates(model).items()},
-        "environment": jobs.environment(device),
+        "environment": jobs.environment(devices),
     }
 write_json(snakemake.output[0], result)
 log.info("token perplexity %.3f over %d windows; expert calls per token %.3f", ppl, win.shape[0],

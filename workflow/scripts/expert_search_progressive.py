@@ -5,20 +5,20 @@ from safetensors.torch import load_file
 
 from pruning import jobs
 from pruning.atomic import save_safetensors, write_json
-from pruning.calib.stream import ResidentSource, calibrate_layer, embed, run_layer, run_layers
+from pruning.calib.stream import calibrate_layer, embed, run_layer, run_layers
 from pruning.experts.search import BlockLoss, block_targets, search
-from pruning.gpu_pool import claim_device
-from pruning.models import get_adapter
-from pruning.models.checkpoint import load_model
+from pruning.gpu_pool import claim_device, log_device
+from pruning.models.layer_source import open_source
 
 w, p, inp = snakemake.wildcards, snakemake.params, snakemake.input
 i, keep, bs = int(w.layer), int(w.keep), p.calib["batch_size"]
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 with claim_device() as device:
-    model = load_model(p.model_dir, p.model["dtype"], device, p.model["trust_remote_code"])
-    adapter = get_adapter(model.config)
+    log_device(log, device)
+    m = p.model
+    source = open_source(p.model_dir, m["dtype"], device, m["offload"], m["trust_remote_code"])
+    adapter = source.adapter
     E = adapter.num_experts
-    source = ResidentSource(model, adapter, device)
     j = p.previous  # the previous MoE layer (None: i is the first); dense layers in between run as they are
     if j is None:
         hidden = run_layers(source, embed(source, load_file(inp.tokens)["input_ids"], bs), 0, i, bs)
