@@ -8,6 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: starts a one-node SLURM cluster (bench/slurm/cluster.sh, root, apt)")
+
+
 def make_tiny_mixtral(seed=0, hidden=32, inter=48, layers=2, experts=4, top_k=2, vocab=64):
     from transformers import MixtralConfig, MixtralForCausalLM
 
