@@ -66,6 +66,33 @@ def layer_expert_mse(teacher: Experts, student: Experts, original: list[int], x_
     return total
 
 
+def layer_expert_part(teacher: Experts, student: Experts, original: list[int], x, routing_teacher: Routing,
+                      counts: list[int], tokens_total: int, tokens: str = "teacher_routed"):
+    """One process's part of ``layer_expert_mse`` when a micro-batch is split over processes (data parallel).
+
+    ``x`` (T_local, H) are this process's inputs of both experts (teacher's or student's hidden states),
+    ``routing_teacher`` the teacher's routing of them. Each expert's squared error is summed over the local
+    tokens and divided by the expert's token count in the *whole* micro-batch (``counts[o]``: tokens the teacher
+    routes to its expert o on all processes; ``tokens_total``: all tokens, for ``tokens="all"``) times H, so the
+    parts of all processes sum to the single-process term (up to float summation order)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    total = x.new_zeros((), dtype=acc)
+    for j, o in enumerate(original):
+        if tokens == "teacher_routed":
+            n = counts[o]
+            rows, _ = routing_teacher.tokens_of(o)
+            if n == 0 or rows.numel() == 0:
+                continue
+            xe = x[rows]
+        else:
+            n, xe = tokens_total, x
+        with torch.no_grad():
+            target = teacher.output(o, xe.detach().to(teacher.gate_up.dtype))
+        out = student.output(j, xe.to(student.gate_up.dtype))
+        total = total + nn.functional.mse_loss(out.to(acc), target.to(acc), reduction="sum") / (n * out.shape[-1])
+    return total
+
+
 def expert_loss(t_adapter, teacher, s_adapter, student, t_capture: MoECapture, s_capture: MoECapture,
                 inputs="teacher", tokens="teacher_routed") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """L_expert summed over layers, and the per-layer terms (tensors: no host sync on the training path), from

@@ -6,15 +6,17 @@
 rule distill:
     """Train one pruned variant against the unpruned model: L_CE + λ·Σ expert MSE, masks fixed, resumable
     (training states under <variant>/<tune>.resume, removed when the run completes). tune=ce: the
-    CE-only control (λ = 0) with the same data and schedule."""
+    CE-only control (λ = 0) with the same data and schedule. With model.gpus = N > 1 the job trains over its
+    N claimed GPUs (N processes, PyTorch FSDP2 through torchrun: pruning.distill.distributed); on the CPU over
+    $PRUNING_DISTILL_WORLD_SIZE processes (gloo; default 1, in the job's own process)."""
     input:
         unpack(layer_files),
         checkpoint=VARIANT.file("checkpoint"),
         sparsity=VARIANT.file("sparsity"),
         teacher=model_inputs(),
         corpus=corpus_inputs(),
-        code=pkg(*MODEL_CODE, "distill/train", "distill/loss", "distill/state", "experts/removal", "weights/sparsity",
-                 "weights/masks", "weights/pattern", "data/sources", "data/corpus"),
+        code=pkg(*MODEL_CODE, "distill/train", "distill/loss", "distill/state", "distill/distributed", "experts/removal",
+                 "weights/sparsity", "weights/masks", "weights/pattern", "data/sources", "data/corpus"),
     output:
         checkpoint=directory(TUNED.file("checkpoint")),
         history=TUNED.file("history"),
@@ -32,6 +34,6 @@ rule distill:
         resume_dir=lambda w: f"{TUNED.dir}.resume".format(**w),
     threads: min(4, workflow.cores)
     resources:
-        gpu=1,
+        gpu=config["model"].get("gpus", 1),  # one training process per claimed GPU (FSDP2 when more than one)
     script:
         "../scripts/distill.py"

@@ -1,5 +1,11 @@
-"""Expert-wise knowledge distillation of one pruned variant from the unpruned model, masks fixed; resumable."""
+"""Expert-wise knowledge distillation of one pruned variant from the unpruned model, masks fixed; resumable.
+
+The job trains over the devices it claims (``model.gpus``): one GPU, in this process; N GPUs, N processes
+(PyTorch FSDP2 through torchrun, ``pruning.distill.distributed``), each loading both models and keeping its
+shard. Without a GPU it runs on the CPU, in this process unless ``$PRUNING_DISTILL_WORLD_SIZE`` asks for more
+(gloo)."""
 import csv
+import functools
 import io
 import json
 import shutil
@@ -12,10 +18,11 @@ from pruning.atomic import atomic_dir, write_json, write_text
 from pruning.data.sources import calibration_tokens
 from pruning.distill import HISTORY_FIELDS
 from pruning.distill import train as distill
+from pruning.distill.distributed import distill_distributed, world_size_for
 from pruning.distill.state import fingerprint
-from pruning.gpu_pool import claim_device
+from pruning.gpu_pool import claim_devices, log_device
 from pruning.models import get_adapter
-from pruning.models.checkpoint import load_model
+from pruning.models.checkpoint import load_model, torch_dtype
 from pruning.weights.masks import load_layer_masks
 from pruning.weights.pattern import Pattern
 from pruning.weights.sparsity import check_layer_nm, sparsity_report
@@ -25,25 +32,30 @@ log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
 kd = p.distill
 cfg = distill.KDConfig.from_params(kd, p.seed)
 pattern = Pattern.parse(w.sp)
+mask_files = [str(f) for f in inp.masks]
 t0 = time.time()
-with claim_device() as device:
+with claim_devices(p.model.get("gpus", 1)) as devices:  # whole-model job: model.gpus devices, one process each
+    log_device(log, devices)
+    world = world_size_for(devices)
     tok = AutoTokenizer.from_pretrained(inp.checkpoint)
     data = calibration_tokens(tok, kd["source"], kd["samples"], kd["seqlen"], p.seed, p.corpus_dir)  # train split
-    # fp32 master weights for AdamW (bf16 runs as autocast on top); the teacher stays in the model's dtype
-    student = load_model(inp.checkpoint, "float32", device, p.model["trust_remote_code"])
-    teacher = load_model(p.teacher_dir, p.model["dtype"], device, p.model["trust_remote_code"])
-    s_adapter, t_adapter = get_adapter(student.config), get_adapter(teacher.config)
-    masks = load_layer_masks(inp.masks)
-    key = fingerprint(cfg, data, list(inp.masks) + list(inp.get("weights", [])) + [f"{inp.checkpoint}/config.json"])
-    log.info("distilling %s on %d x %d tokens from %s, %s (%d steps)", inp.checkpoint, *data.shape, kd["source"], device,
-             distill.steps_per_epoch(data.shape[0], cfg) * cfg.epochs)
-    record = distill.distill(student, teacher, s_adapter, t_adapter, masks, data, cfg, device=device,
-                             state_dir=p.resume_dir, fingerprint=key, log=log)
-    student = student.to("cpu", teacher.dtype)  # saved in the model's dtype; a zero stays zero when rounded
+    key = fingerprint(cfg, data, mask_files + list(inp.get("weights", [])) + [f"{inp.checkpoint}/config.json"])
+    log.info("distilling %s on %d x %d tokens from %s, %s, %d process(es) (%d steps)", inp.checkpoint, *data.shape,
+             kd["source"], ",".join(devices), world, distill.steps_per_epoch(data.shape[0], cfg) * cfg.epochs)
+    # fp32 master weights for AdamW (bf16 runs as autocast on top); the teacher stays in the model's dtype.
+    # Loaders, not models: with N processes each worker loads (and shards) its own copy.
+    trc = p.model["trust_remote_code"]
+    student, record = distill_distributed(
+        world, devices, functools.partial(load_model, str(inp.checkpoint), "float32", trust_remote_code=trc),
+        functools.partial(load_model, str(p.teacher_dir), p.model["dtype"], trust_remote_code=trc),
+        functools.partial(load_layer_masks, mask_files), data, cfg, state_dir=p.resume_dir, fingerprint=key, log=log)
+    # saved in the model's dtype; a zero stays zero when rounded
+    student = student.to("cpu", torch_dtype(p.model["dtype"]))
+s_adapter = get_adapter(student.config)
 
 # Masks exactly fixed: distill() asserted every pruned position is zero; N:M variants keep exact N:M.
 if pattern.is_nm:
-    for layer, m in masks.items():
+    for layer, m in load_layer_masks(mask_files).items():
         check_layer_nm(s_adapter, s_adapter.decoder_layers(student)[layer], m, pattern.n, pattern.m)
 report = sparsity_report(s_adapter, student)
 before = json.load(open(inp.sparsity))
@@ -56,7 +68,7 @@ info = {
     "seqlen": int(data.shape[1]), "tokens_per_epoch": int(data.numel()), "source": kd["source"], "split": "train",
     "config": record["config"], "expert_sparsity": report["expert_sparsity"], "expert_sparsity_before": before["expert_sparsity"],
     "pattern": pattern.kind, "final": record["history"][-1],
-    "environment": jobs.environment(device),
+    "environment": jobs.environment(devices),
 }  # no wall times or resume points: a resumed run writes the same bytes as an uninterrupted one (they go to the log)
 with atomic_dir(out.checkpoint) as d:
     student.save_pretrained(d)
