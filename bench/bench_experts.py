@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from timing import ROOT, timed  # also puts the repository on sys.path
+from timing import ROOT, splice_readme, timed  # also puts the repository on sys.path
 
 from pruning.atomic import write_json
 from pruning.eval.usage import count_expert_calls
@@ -233,15 +233,7 @@ def main():
     report = "\n".join(lines)
     print(report)
     if a.readme:
-        from pruning.atomic import write_text
-
-        begin, end = "<!-- bench_experts:begin -->", "<!-- bench_experts:end -->"
-        text = Path(a.readme).read_text()
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            write_text(a.readme, f"{head}{begin}\n{report}\n{end}{rest.split(end, 1)[1]}")
-        else:
-            print(f"{a.readme}: no bench_experts markers; not written")
+        splice_readme(a.readme, "bench_experts", report)
     out = Path(a.out) if a.out else ROOT / "bench/out/bench_experts.json"  # outside DVC's results/
     setup = {k: getattr(a, k) for k in ("batch", "decode_batch", "seqlen", "prompt_len", "new_tokens", "warmup", "repeats", "device",
                                         "dtype", "random_tokens")}

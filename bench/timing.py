@@ -19,3 +19,16 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def splice_readme(readme, block: str, report: str) -> None:
+    """Write ``report`` into ``readme`` between ``<!-- {block}:begin -->`` and ``<!-- {block}:end -->`` (atomically)."""
+    from pruning.atomic import write_text
+
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    text = Path(readme).read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        write_text(readme, f"{head}{begin}\n{report}\n{end}{rest.split(end, 1)[1]}")
+    else:
+        print(f"{readme}: no {block} markers; not written")
