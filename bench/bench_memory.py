@@ -102,8 +102,9 @@ def params(family: str, ckpt: Path, offload: str) -> dict:
     return p
 
 
-def run(work: Path, p: dict, cgroup: Path | None = None, cores: int = 2) -> float:
-    """The sweep in ``work`` (Snakemake on ``cores`` cores); inside ``cgroup`` if given. Returns the wall time."""
+def run(work: Path, p: dict, cgroup: Path | None = None, cores: int = 2, allow_failure: bool = False):
+    """The sweep in ``work`` (Snakemake on ``cores`` cores); inside ``cgroup`` if given. Returns (wall time, None),
+    or with ``allow_failure`` (wall time, what failed) for a sweep that failed."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "params.yaml").write_text(yaml.safe_dump(p))
@@ -117,8 +118,12 @@ def run(work: Path, p: dict, cgroup: Path | None = None, cores: int = 2) -> floa
     wall = time.time() - t0
     (work / "snakemake.out").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
-        raise SystemExit(f"sweep in {work} failed (see {work}/snakemake.out):\n{r.stderr[-3000:]}")
-    return wall
+        failed = [line.strip() for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error in rule")
+                  or "died with <Signals" in line]
+        if not allow_failure:
+            raise SystemExit(f"sweep in {work} failed (see {work}/snakemake.out):\n{r.stderr[-3000:]}")
+        return wall, failed or [f"exit {r.returncode}"]
+    return wall, None
 
 
 def peaks(work: Path) -> dict[str, float]:
@@ -234,7 +239,7 @@ def main():
         rows = {}
         for tag, hidden, depth in (("floor", 64, shallow), ("shallow", a.hidden, shallow), ("deep", a.hidden, deep)):
             ckpt = build(fam, hidden, depth, a.work / f"{fam}-h{hidden}-d{depth}")
-            wall = run(a.work / f"run-{fam}-{tag}", params(fam, ckpt, "always"))
+            wall, _ = run(a.work / f"run-{fam}-{tag}", params(fam, ckpt, "always"))
             layer, total = layer_sizes(ckpt)
             rows[tag] = {"peaks_mb": peaks(a.work / f"run-{fam}-{tag}"), "layer_bytes": layer, "model_bytes": total,
                          "wall_s": round(wall, 1)}
@@ -249,16 +254,17 @@ def main():
             table[kind] = {"shallow_mb": s, "deep_mb": d, "deep_over_shallow": d / s if s else None, "floor_mb": floor,
                            "net_over_layer": (d - floor) / layer_mb}
         report["families"][fam] = {"runs": rows, "activations_bytes": acts, "table": table}
+        save(a.out, report)
     if not a.skip_cgroup:
         fam = "mixtral"
         ckpt = build(fam, a.cap_hidden, deep, a.work / f"{fam}-h{a.cap_hidden}-d{deep}")
         _, total = layer_sizes(ckpt)
         free_run, capped_run = a.work / "run-uncapped", a.work / "run-capped"
-        wall_free = run(free_run, params(fam, ckpt, "auto"), cores=1)
+        wall_free, _ = run(free_run, params(fam, ckpt, "auto"), cores=1)
         limit = total // 3
         cg = make_cgroup(limit)
         try:
-            wall_capped = run(capped_run, params(fam, ckpt, "auto"), cgroup=cg, cores=1)
+            wall_capped, failed = run(capped_run, params(fam, ckpt, "auto"), cgroup=cg, cores=1, allow_failure=True)
             peak = cgroup_peak(cg)
         finally:
             with __import__("contextlib").suppress(OSError):
@@ -268,18 +274,22 @@ def main():
         logs = "\n".join(f.read_text() for f in (capped_run / "results/bench/logs").rglob("calibrate*.log"))
         report["cgroup"] = {
             "family": fam, "hidden": a.cap_hidden, "depth": deep, "model_bytes": total, "limit_bytes": limit,
-            "cgroup_peak_bytes": peak, "files_compared": len(h_free), "files_differing": differ,
+            "cgroup_peak_bytes": peak, "files_compared": len(h_free), "files_differing": differ, "failed": failed,
             "capped_streamed": "ShardSource" in logs, "wall_uncapped_s": round(wall_free, 1),
             "wall_capped_s": round(wall_capped, 1)}
         print(f"cgroup: model {total / 1e9:.2f} GB, limit {limit / 1e9:.2f} GB, peak {peak / 1e9 if peak else 0:.2f} GB; "
               f"{len(h_free)} result files, {len(differ)} differ {differ[:5]}", flush=True)
         shutil.rmtree(free_run)
         shutil.rmtree(capped_run)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    save(a.out, report)
     print(markdown(report))
     if a.readme:
         splice_readme(a.readme, "bench_memory", markdown(report))
+
+
+def save(out: Path, report: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def markdown(report: dict) -> str:
@@ -300,8 +310,10 @@ def markdown(report: dict) -> str:
     if c:
         lines.append(f"Cgroup run: {c['family']}-shaped, {c['depth']} layers, {c['model_bytes'] / 1e9:.2f} GB, memory "
                      f"limit {c['limit_bytes'] / 1e9:.2f} GB (a third); peak {(c['cgroup_peak_bytes'] or 0) / 1e9:.2f} GB; "
-                     f"layers streamed: {c['capped_streamed']}; {c['files_compared']} result files compared with the "
-                     f"uncapped (resident) run, {len(c['files_differing'])} differ.")
+                     f"layers streamed: {c['capped_streamed']}; " + (
+                         f"it FAILED: {'; '.join(c['failed'])}." if c.get("failed") else
+                         f"{c['files_compared']} result files compared with the uncapped (resident) run, "
+                         f"{len(c['files_differing'])} differ."))
     return "\n".join(lines)
 
 
