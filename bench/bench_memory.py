@@ -214,11 +214,14 @@ def cgroup_peak(cg: Path) -> int | None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["mixtral", "deepseek_v3"])
+    ap.add_argument("--families", nargs="*", default=["mixtral", "deepseek_v3"])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--depths", type=int, nargs=2, default=[4, 16])
     ap.add_argument("--cap-hidden", type=int, default=768, help="width of the deep model of the cgroup run")
     ap.add_argument("--skip-cgroup", action="store_true")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="cgroup pair: read the sweeps already in --work (their results and snakemake.out), run none")
+    ap.add_argument("--merge", action="store_true", help="add to the report already in --out")
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks the script, not the claims")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_memory"))
     ap.add_argument("--out", type=Path, default=OUT)
@@ -235,6 +238,8 @@ def main():
         a.hidden, a.depths, a.cap_hidden = 128, [2, 4], 256
     shallow, deep = a.depths
     report = {"hidden": a.hidden, "depths": a.depths, "families": {}, "job_types": list(JOB_TYPES)}
+    if a.merge and a.out.is_file():
+        report = json.loads(a.out.read_text())
     for fam in a.families:
         rows = {}
         for tag, hidden, depth in (("floor", 64, shallow), ("shallow", a.hidden, shallow), ("deep", a.hidden, deep)):
@@ -260,27 +265,37 @@ def main():
         ckpt = build(fam, a.cap_hidden, deep, a.work / f"{fam}-h{a.cap_hidden}-d{deep}")
         _, total = layer_sizes(ckpt)
         free_run, capped_run = a.work / "run-uncapped", a.work / "run-capped"
-        wall_free, _ = run(free_run, params(fam, ckpt, "auto"), cores=1)
         limit = total // 3
-        cg = make_cgroup(limit)
-        try:
-            wall_capped, failed = run(capped_run, params(fam, ckpt, "auto"), cgroup=cg, cores=1, allow_failure=True)
-            peak = cgroup_peak(cg)
-        finally:
-            with __import__("contextlib").suppress(OSError):
-                cg.rmdir()
+        if a.reuse_runs:
+            out = (capped_run / "snakemake.out").read_text()
+            failed = [line.strip() for line in out.splitlines() if line.startswith("Error in rule")
+                      or "died with <Signals" in line] or None
+            wall_free = wall_capped = peak = None
+        else:
+            wall_free, _ = run(free_run, params(fam, ckpt, "auto"), cores=1)
+            cg = make_cgroup(limit)
+            try:
+                wall_capped, failed = run(capped_run, params(fam, ckpt, "auto"), cgroup=cg, cores=1, allow_failure=True)
+                peak = cgroup_peak(cg)
+            finally:
+                with __import__("contextlib").suppress(OSError):
+                    cg.rmdir()
         h_free, h_capped = comparable(free_run), comparable(capped_run)
         differ = sorted(k for k in set(h_free) | set(h_capped) if h_free.get(k) != h_capped.get(k))
+        both = sorted(set(h_free) & set(h_capped))  # what a failed capped run produced before it stopped
         logs = "\n".join(f.read_text() for f in (capped_run / "results/bench/logs").rglob("calibrate*.log"))
         report["cgroup"] = {
             "family": fam, "hidden": a.cap_hidden, "depth": deep, "model_bytes": total, "limit_bytes": limit,
             "cgroup_peak_bytes": peak, "files_compared": len(h_free), "files_differing": differ, "failed": failed,
-            "capped_streamed": "ShardSource" in logs, "wall_uncapped_s": round(wall_free, 1),
-            "wall_capped_s": round(wall_capped, 1)}
-        print(f"cgroup: model {total / 1e9:.2f} GB, limit {limit / 1e9:.2f} GB, peak {peak / 1e9 if peak else 0:.2f} GB; "
+            "files_in_both": both, "equal_in_both": [k for k in both if h_free[k] == h_capped[k]],
+            "capped_streamed": "ShardSource" in logs, "wall_uncapped_s": wall_free and round(wall_free, 1),
+            "wall_capped_s": wall_capped and round(wall_capped, 1),
+            "peaks_mb": {"uncapped": peaks(free_run), "capped": peaks(capped_run)}}
+        print(f"cgroup: model {total / 1e9:.2f} GB, limit {limit / 1e9:.2f} GB, failed: {failed}; "
               f"{len(h_free)} result files, {len(differ)} differ {differ[:5]}", flush=True)
-        shutil.rmtree(free_run)
-        shutil.rmtree(capped_run)
+        if not a.reuse_runs:
+            shutil.rmtree(free_run)
+            shutil.rmtree(capped_run)
     save(a.out, report)
     print(markdown(report))
     if a.readme:
@@ -305,13 +320,22 @@ def markdown(report: dict) -> str:
             ratio = f"{t['deep_over_shallow']:.2f}" if t["deep_over_shallow"] else "-"
             lines.append(f"| {kind} | {t['shallow_mb']:.0f} | {t['deep_mb']:.0f} | {ratio} | {t['floor_mb']:.0f} "
                          f"| {t['net_over_layer']:.2f} |")
-        lines.append("")
+        deep_miss = [k for k, t in sorted(r["table"].items()) if (t["deep_over_shallow"] or 0) > 1.2]
+        layer_miss = [k for k, t in sorted(r["table"].items()) if t["net_over_layer"] > 2]
+        n = len(r["table"])
+        lines += ["", f"{d1} / {d0} layers <= 1.2: {n - len(deep_miss)} of {n} job types"
+                  + (f" (not: {', '.join(deep_miss)})" if deep_miss else "")
+                  + f"; (peak - floor) / (layer + activations) <= 2: {n - len(layer_miss)} of {n}"
+                  + (f" (not: {', '.join(layer_miss)})" if layer_miss else "") + ".", ""]
     c = report.get("cgroup")
     if c:
-        lines.append(f"Cgroup run: {c['family']}-shaped, {c['depth']} layers, {c['model_bytes'] / 1e9:.2f} GB, memory "
-                     f"limit {c['limit_bytes'] / 1e9:.2f} GB (a third); peak {(c['cgroup_peak_bytes'] or 0) / 1e9:.2f} GB; "
-                     f"layers streamed: {c['capped_streamed']}; " + (
-                         f"it FAILED: {'; '.join(c['failed'])}." if c.get("failed") else
+        peak = f"cgroup peak {c['cgroup_peak_bytes'] / 1e9:.2f} GB; " if c.get("cgroup_peak_bytes") else ""
+        capped = ", ".join(f"{k} {v:.0f}" for k, v in sorted(c.get("peaks_mb", {}).get("capped", {}).items()))
+        lines.append(f"Cgroup run: {c['family']}-shaped, hidden {c['hidden']}, {c['depth']} layers, "
+                     f"{c['model_bytes'] / 1e9:.2f} GB, memory limit {c['limit_bytes'] / 1e9:.2f} GB (a third); {peak}"
+                     f"layers streamed: {c['capped_streamed']}; peak RSS (MiB) of the jobs that ran: {capped}. " + (
+                         f"It FAILED: {c['failed'][0]} Of the {len(c['files_in_both'])} result files it wrote before, "
+                         f"{len(c['equal_in_both'])} equal the uncapped (resident) run's." if c.get("failed") else
                          f"{c['files_compared']} result files compared with the uncapped (resident) run, "
                          f"{len(c['files_differing'])} differ."))
     return "\n".join(lines)

@@ -59,8 +59,20 @@ def test_shard_layers_equal_the_loaded_model(checkpoints, family, layout):
         assert st.keys() == got[i][1].keys() and all(torch.equal(st[k], got[i][1][k]) for k in st), i
 
 
+@pytest.fixture
+def registered():
+    """skipping.register() for one test: the Auto mapping's extra entries are put back afterwards."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    before = dict(MODEL_FOR_CAUSAL_LM_MAPPING._extra_content)
+    skipping.register()
+    yield
+    MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.clear()
+    MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.update(before)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
-def test_streamed_perplexity_skipping_and_usage_equal_resident(checkpoints, family, tmp_path):
+def test_streamed_perplexity_skipping_and_usage_equal_resident(checkpoints, family, tmp_path, registered):
     src_dir = checkpoints[family, LAYOUTS[family][-1]]
     d = tmp_path / "skip"
     d.mkdir()
@@ -70,7 +82,6 @@ def test_streamed_perplexity_skipping_and_usage_equal_resident(checkpoints, fami
     res = open_source(d, offload="never")
     cfg["betas"] = {str(i): 0.6 for i in res.adapter.moe_layer_indices()}
     (d / "config.json").write_text(json.dumps(cfg))
-    skipping.register()
     windows = torch.randint(1, 300, (9, 20))
     out = {}
     for mode in ("never", "always"):
