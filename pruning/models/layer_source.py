@@ -15,7 +15,6 @@ or on the CPU the smaller of MemAvailable and the job's cgroup memory limit).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -171,21 +170,14 @@ class ShardSource(ResidentSource):
 
 # -- choosing a source ------------------------------------------------------------------------------
 def model_bytes(model_dir, dtype="float32") -> int:
-    """Bytes the model's floating-point tensors take in ``dtype`` (from the shards' headers; nothing is read)."""
+    """Bytes the model's tensors take with floating-point ones in ``dtype`` (from the shards' headers; nothing is read)."""
+    from .rewrite import read_header
+
     itemsize = torch.empty(0, dtype=torch_dtype(dtype)).element_size()
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            n = 1
-            for d in v["shape"]:
-                n *= d
-            total += n * (itemsize if v["dtype"].startswith(("F", "BF")) else sizes.get(v["dtype"], 4))
+        for t in read_header(f)[1].values():
+            total += t.numel * (itemsize if t.torch_dtype.is_floating_point else t.torch_dtype.itemsize)
     return total
 
 
