@@ -101,12 +101,12 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
-def read_tensors(model_dir, keys) -> dict[str, torch.Tensor]:
-    """Read only ``keys`` from the checkpoint's shards (never the whole model)."""
+def read_tensors(model_dir, keys, wmap: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Read only ``keys`` from the checkpoint's shards (never the whole model); ``wmap``: its weight map, if known."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
-    wmap = _weight_map(model_dir)
+    wmap = _weight_map(model_dir) if wmap is None else wmap
     by_file: dict[str, list[str]] = {}
     for k in keys:
         by_file.setdefault(wmap[k], []).append(k)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import get_adapter
-from .checkpoint import ModelPathError, _weight_map, load_model, read_config, read_experts, torch_dtype
+from .checkpoint import ModelPathError, _weight_map, load_model, read_config, read_experts, read_tensors, torch_dtype
 
 OFFLOAD_MODES = ("auto", "never", "always")
 # auto keeps the model resident when 2.5 x its bytes fit: loading a hub (per-expert) checkpoint holds both layouts
@@ -106,17 +106,7 @@ class ShardSource(ResidentSource):
         return t.to(device=self.device, dtype=dtype)
 
     def _read(self, keys) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.wmap[k], []).append(k)
-        out = {}
-        for fname, ks in sorted(by_file.items()):
-            with safe_open(str(self.model_dir / fname), framework="pt") as f:
-                for k in ks:
-                    out[k] = f.get_tensor(k)
-        return out
+        return read_tensors(self.model_dir, keys, self.wmap)
 
     # -- one decoder layer -----------------------------------------------------------------------------
     def layer_tensors(self, i: int, keys: list[str]) -> dict[str, torch.Tensor]:
