@@ -177,13 +177,9 @@ def parameter_count(model) -> int:
 
 def tensor_bytes(checkpoint_dir) -> int:
     """Bytes of tensor data in a checkpoint's safetensors files (from their headers; no tensor is read)."""
-    total = 0
-    for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total
+    from .rewrite import read_header
+
+    return sum(t.nbytes for f in sorted(Path(checkpoint_dir).glob("*.safetensors")) for t in read_header(f)[1].values())
 
 
 def file_bytes(checkpoint_dir) -> int:
