@@ -192,6 +192,15 @@ class Experts:
         return replace(self, gate_up=t(self.gate_up), down=t(self.down), gate_up_bias=t(self.gate_up_bias),
                        down_bias=t(self.down_bias))
 
+    def expert(self, e: int, dtype: torch.dtype | None = None) -> "Experts":
+        """Expert e alone (a one-expert Experts of views), its weights cast to ``dtype`` if given: a float64
+        computation then holds one expert in float64 at a time, never the layer."""
+        s = slice(e, e + 1)
+        one = replace(self, gate_up=self.gate_up[s], down=self.down[s],
+                      gate_up_bias=None if self.gate_up_bias is None else self.gate_up_bias[s],
+                      down_bias=None if self.down_bias is None else self.down_bias[s])
+        return one if dtype is None else one.to(dtype)
+
     def with_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> "Experts":
         """The same experts (activation, biases) with other weights, e.g. pruned ones."""
         return replace(self, gate_up=gate_up, down=down)
@@ -210,14 +219,19 @@ class Experts:
         return nn.functional.linear(h, self.down[e], None if self.down_bias is None else self.down_bias[e])
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert's un-gated output on every token: (E, T, H), in x's dtype."""
-        w = self.to(x.dtype)
-        return torch.stack([w.output(e, x) for e in range(self.num_experts)])
+        """Every expert's un-gated output on every token: (E, T, H), in x's dtype (each expert's weights cast
+        on their own, so a float64 x never needs a float64 copy of the layer)."""
+        out = x.new_empty((self.num_experts, *x.shape))
+        for e in range(self.num_experts):
+            out[e] = self.expert(e, x.dtype).output(0, x)
+        return out
 
-    def block_output(self, x: torch.Tensor, routing: Routing, on_expert: ExpertObserver | None = None) -> torch.Tensor:
+    def block_output(self, x: torch.Tensor, routing: Routing, on_expert: ExpertObserver | None = None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """The MoE block's output on x (T, H): sum over each token's routed experts of g * f_e(x), as the eager
         experts loop computes it (per expert, added in token order). ``on_expert`` sees every expert's tokens,
-        combine weights and intermediate, so statistics of the down projection's input cost no second pass."""
+        combine weights and intermediate, so statistics of the down projection's input cost no second pass.
+        ``dtype`` casts one expert's weights at a time (float64 references hold one expert in float64)."""
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             token, g = routing.tokens_of(e)
@@ -226,10 +240,11 @@ class Experts:
                     on_expert(e, token, x[:0], g, None)
                 continue
             xe = x[token]
-            h = self.intermediate(e, xe)
+            w, k = (self, e) if dtype is None else (self.expert(e, dtype), 0)
+            h = w.intermediate(k, xe)
             if on_expert is not None:
                 on_expert(e, token, xe, g, h)
-            y = self.project(e, h) * g[:, None].to(h.dtype)
+            y = w.project(k, h) * g[:, None].to(h.dtype)
             out.index_add_(0, token, y.to(out.dtype))
         return out
 

@@ -110,3 +110,18 @@ def test_outputs_are_each_experts_unweighted_forward(tiny_mixtral):
         want = experts.down[e] @ (nn.functional.silu(w[:inter] @ x[t]) * (w[inter:] @ x[t]))
         torch.testing.assert_close(out[e, t], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(experts.output(e, x[t : t + 1])[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_outputs_cast_one_expert_at_a_time(tiny_mixtral):
+    """outputs / block_output(dtype=float64) on float32 experts equal the same computation on a float64 copy of
+    the layer (the search and the block-error diagnostic hold one expert in float64, never the layer), and
+    ``expert(e)`` is a view: no expert's weights are copied unless cast."""
+    adapter, _, experts, wr = _layer(tiny_mixtral)
+    router = Router(wr, adapter.rule())
+    x = torch.randn(9, 32, dtype=torch.float64)
+    wide = experts.to(torch.float64)
+    assert torch.equal(experts.outputs(x), wide.outputs(x))
+    routing = router.route(x.float())
+    assert torch.equal(experts.block_output(x, routing, dtype=torch.float64), wide.block_output(x, routing))
+    assert experts.expert(2).gate_up.data_ptr() == experts.gate_up[2].data_ptr()
+    assert experts.expert(2, torch.float64).down.dtype == torch.float64

@@ -170,3 +170,21 @@ def test_layer_sparsegpt_prunes_separate_matrices_and_falls_back(tiny_mixtral):
     gate_only, keep, _ = sparsegpt(gu[0, :I], expert_hessians("gate_weighted", inputs, routing, 0, Experts(gu, dn, adapter.activation()))[0], pattern)
     torch.testing.assert_close(new["gate_up"][0, :I], gate_only)
     assert not torch.equal(new["gate_up"][0], gu[0])
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsegpt_gate_weighted"])
+def test_layer_sparsegpt_in_place_equals_the_copy(tiny_mixtral, method):
+    """The mask job updates the weights it read in place (no second copy of the layer): each expert's Hessians
+    come from its weights before they change, so masks and weights equal the copying path's."""
+    model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
+    mlp = model.model.layers[1].mlp
+    inputs = _moe_inputs(model, adapter, 1, torch.randint(0, 64, (2, 16)))
+    routing = Router(mlp.gate.weight, adapter.rule()).route(inputs)
+    gu, dn = mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach()
+    pattern = Pattern.parse("0.6")
+    masks, new, _ = layer_sparsegpt(method, pattern, Experts(gu, dn, adapter.activation()), inputs, routing)
+    own = Experts(gu.clone(), dn.clone(), adapter.activation())
+    masks_ip, new_ip, _ = layer_sparsegpt(method, pattern, own, inputs, routing, inplace=True)
+    for key in ("gate_up", "down"):
+        assert torch.equal(masks_ip[key], masks[key]) and torch.equal(new_ip[key], new[key])
+    assert new_ip["gate_up"].data_ptr() == own.gate_up.data_ptr() and not torch.equal(new["gate_up"], gu)

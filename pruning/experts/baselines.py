@@ -20,14 +20,14 @@ from ..moe import Experts, Routing
 def routed_scores(x: torch.Tensor, routing: Routing, experts: Experts) -> dict:
     """Per-expert sums over the routed tokens of MoE-block inputs x (T, H), float64: count, sum g, sum ||f||,
     sum g*||f||."""
-    ex = experts.to(torch.float64)
     x = x.to(torch.float64)
-    out = {k: torch.zeros(ex.num_experts, dtype=torch.float64) for k in ("count", "sum_g", "sum_norm", "sum_g_norm")}
-    for e in range(ex.num_experts):
+    E = experts.num_experts
+    out = {k: torch.zeros(E, dtype=torch.float64) for k in ("count", "sum_g", "sum_norm", "sum_g_norm")}
+    for e in range(E):
         token, g = routing.tokens_of(e)
         if token.numel() == 0:
             continue
-        norm = torch.linalg.vector_norm(ex.output(e, x[token]), dim=-1)
+        norm = torch.linalg.vector_norm(experts.expert(e, torch.float64).output(0, x[token]), dim=-1)
         g = g.to(torch.float64)
         out["count"][e] += token.numel()
         out["sum_g"][e] += g.sum()

@@ -43,7 +43,7 @@ class BlockLoss:
     def __init__(self, batches, router: Router, experts: Experts, targets=None):
         self.batches, self.targets = list(batches), targets
         self.router = router.to(torch.float64)
-        self.experts = experts.to(torch.float64)
+        self.experts = experts  # cast one expert at a time (Experts.outputs): never a float64 copy of the layer
         self.evaluated = 0
         self.target_norm = None
 
@@ -67,11 +67,10 @@ class BlockLoss:
 
 def block_targets(batches, router: Router, experts: Experts) -> list[torch.Tensor]:
     """The unpruned block's outputs (float64) on each batch: progressive mode's fixed targets."""
-    r, ex = router.to(torch.float64), experts.to(torch.float64)
-    out = []
+    r, out = router.to(torch.float64), []
     for x in batches:
         x = x.to(device=r.weight.device, dtype=torch.float64)
-        out.append(_block(r, r.logits(x), ex.outputs(x)))
+        out.append(_block(r, r.logits(x), experts.outputs(x)))
     return out
 
 

@@ -36,13 +36,13 @@ def expert_hessians(
     else:
         token, g = routing.tokens_of(e)
         scale = g if mode == "gate_weighted" else None
-    w = experts.to(dtype)
+    w = experts.expert(e, dtype)  # this expert alone in the Hessian's dtype, never the layer
     hidden, inter = w.gate_up.shape[-1], w.intermediate_size
     h_in = torch.zeros(hidden, hidden, dtype=dtype, device=inputs.device)
     h_mid = torch.zeros(inter, inter, dtype=dtype, device=inputs.device)
     for i in range(0, token.numel(), chunk):
         x = inputs[token[i : i + chunk]].to(dtype)
-        mid = w.intermediate(e, x)
+        mid = w.intermediate(0, x)
         if scale is not None:
             s = scale[i : i + chunk].to(dtype)[:, None]
             x, mid = x * s, mid * s

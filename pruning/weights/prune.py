@@ -52,22 +52,24 @@ def layer_masks(method: str, pattern: Pattern, experts: Experts, stats: dict | N
 @torch.no_grad()
 def layer_sparsegpt(
     method: str, pattern: Pattern, experts: Experts, inputs: torch.Tensor, routing: Routing,
-    blocksize: int = 128, percdamp: float = 0.01, dtype=torch.float32,
+    blocksize: int = 128, percdamp: float = 0.01, dtype=torch.float32, inplace: bool = False,
 ):
     """SparseGPT methods on one layer's experts from its cached MoE-block inputs (T, H) and their routing.
 
-    Returns (masks, updated weights {'gate_up', 'down'} in the input dtype, info).
+    Returns (masks, updated weights {'gate_up', 'down'} in the input dtype, info). With ``inplace`` the updated
+    weights are ``experts``' own tensors, overwritten (a caller that read them for this alone saves a copy of the
+    layer); each expert's Hessians are built before its weights change, so the result is the same.
     """
     if method not in SPARSEGPT_METHODS:
         raise ValueError(f"unknown SparseGPT method {method!r}; allowed: {', '.join(SPARSEGPT_METHODS)}")
     mode = WEIGHT_METHODS[method].hessian
     inter = experts.intermediate_size
     masks = _full_masks(experts)
-    new = {k: w.clone(memory_format=torch.contiguous_format) for k, w in (("gate_up", experts.gate_up), ("down", experts.down))}
+    new = {k: w if inplace else w.clone(memory_format=torch.contiguous_format)
+           for k, w in (("gate_up", experts.gate_up), ("down", experts.down))}
     fallback, tokens, damp, dead, loss = [], [], 0.0, 0, 0.0
-    work = experts.to(dtype)
     for e in range(experts.num_experts):
-        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, work, dtype=dtype)
+        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, experts, dtype=dtype)
         tokens.append(n)
         if n == 0:
             fallback.append(e)

@@ -35,13 +35,18 @@ log = logging.getLogger(__name__)
 
 def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float, max_tries: int = 8):
     """Upper Cholesky factor of (H + damp I)^-1, raising damp tenfold on failure. Returns (U, damp fraction)."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = torch.diag(h).mean()
     frac = percdamp
     for attempt in range(max_tries):
-        lower, info = torch.linalg.cholesky_ex(h + frac * mean_diag * eye)
+        damped = h.clone()  # (no identity matrix: a few (n, n) temporaries fewer on a large expert)
+        damped.diagonal().add_(frac * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper, frac
         log.warning("SparseGPT: Cholesky failed at dampening %.3g of the mean diagonal; retrying at %.3g", frac, frac * 10)

@@ -18,8 +18,12 @@ for li, (mask_path, inputs_path) in enumerate(zip(inp.masks, inp.inputs)):
     masks, meta = load_masks(mask_path)
     layer = int(meta["layer"])
     dense = read_experts(p.model_dir, adapter, layer)
-    new = load_file(weights[li]) if weights else {"gate_up": dense.gate_up, "down": dense.down}
-    pruned = dense.with_weights(new["gate_up"] * masks["gate_up"], new["down"] * masks["down"])
+    if weights:  # updated weights read for this job alone: masked in place, no second copy
+        new = load_file(weights[li])
+        pruned = dense.with_weights(new["gate_up"].mul_(masks["gate_up"]), new["down"].mul_(masks["down"]))
+    else:
+        pruned = dense.with_weights(dense.gate_up * masks["gate_up"], dense.down * masks["down"])
+    del masks
     inputs = load_file(inputs_path)["hidden_states"].float()
     routing = read_router(p.model_dir, adapter, layer).to(torch.float32).route(inputs)
     errors[str(layer)] = relative_block_error(dense, pruned, inputs, routing)

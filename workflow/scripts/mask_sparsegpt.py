@@ -28,12 +28,14 @@ with claim_device() as device:
     router = read_router(p.model_dir, adapter, layer).to(device=device)
     inputs = load_file(snakemake.input.inputs)["hidden_states"].to(device)
     routing = router.to(inputs.dtype).route(inputs)
-    masks, new, info = layer_sparsegpt(w.method, pattern, experts, inputs, routing, blocksize, percdamp)
+    # the experts were read for this job alone: updated in place, not copied
+    masks, new, info = layer_sparsegpt(w.method, pattern, experts, inputs, routing, blocksize, percdamp, inplace=True)
     if p.shared:  # the shared experts: one always-routed expert with its combine weight (1 or its sigmoid gate)
         shared, gate = read_shared_experts(p.model_dir, adapter, layer)
         g = adapter.shared_combine(None if gate is None else gate.to(device), inputs)
         always = Routing(torch.zeros(inputs.shape[0], 1, dtype=torch.long, device=device), g[:, None])
-        s_masks, s_new, s_info = layer_sparsegpt(w.method, pattern, shared.to(device), inputs, always, blocksize, percdamp)
+        s_masks, s_new, s_info = layer_sparsegpt(w.method, pattern, shared.to(device), inputs, always, blocksize,
+                                                 percdamp, inplace=True)
         masks.update({f"shared.{k}": v for k, v in s_masks.items()})
         new.update({f"shared.{k}": v for k, v in s_new.items()})
         info["shared_obs_loss"] = s_info["obs_loss"]
