@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
@@ -56,31 +55,14 @@ def write_json(path, obj) -> None:
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """safetensors with a canonical header, so the same tensors and metadata give the same bytes.
+    """A safetensors file written atomically, with a canonical header (metadata values that are not strings as
+    sorted JSON, keys sorted), so the same tensors and metadata give the same bytes; written one tensor at a
+    time (``safetensors_io.write_file``: no bytes copy of the tensors; DTensors gathered as they are written)."""
+    from .safetensors_io import write_file
 
-    The safetensors writer emits metadata keys in hash-map order, which changes from process to process;
-    the header is rewritten with sorted keys (tensor data and offsets are untouched).
-    """
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
-        raw = tmp.with_name(tmp.name + ".raw")
-        try:
-            save_file(tensors, str(raw), metadata=meta)
-            with open(raw, "rb") as src, open(tmp, "wb") as dst:
-                (n,) = struct.unpack("<Q", src.read(8))
-                header = json.loads(src.read(n))
-                stored = header.pop("__metadata__", None)  # present, possibly empty, whenever metadata was passed
-                ordered = {"__metadata__": dict(sorted(stored.items()))} if stored else {}
-                ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
-                blob = json.dumps(ordered, separators=(",", ":")).encode()
-                blob += b" " * (-len(blob) % 8)
-                dst.write(struct.pack("<Q", len(blob)) + blob)
-                shutil.copyfileobj(src, dst, 1 << 24)
-        finally:
-            raw.unlink(missing_ok=True)
+        write_file(tmp, tensors, meta)
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

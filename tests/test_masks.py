@@ -107,3 +107,47 @@ def test_safetensors_without_metadata(tmp_path, metadata):
         assert not f.metadata() and sorted(f.keys()) == ["a", "b"] and f.get_tensor("b").tolist() == [1.0, 1.0]
     save_safetensors(tmp_path / "u.safetensors", {"b": torch.ones(2), "a": torch.zeros(3)})
     assert path.read_bytes() == (tmp_path / "u.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("metadata", [None, {"z": "1", "a": "two", "m": "[3]"}])
+def test_streamed_safetensors_equal_the_librarys_file(tmp_path, metadata):
+    """save_safetensors writes one tensor at a time; its bytes equal the safetensors library's own ``save_file``
+    of the same tensors (its layout: by dtype, then name) once the header's metadata keys are sorted, for every
+    dtype the readers know, empty, scalar and non-contiguous tensors, and the library reads it back."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pruning.atomic import save_safetensors
+    from pruning.safetensors_io import DTYPES
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, (name, dtype) in enumerate(sorted(DTYPES.items())):
+        raw = torch.randint(0, 2 if dtype == torch.bool else 256, (3 + i, 8), generator=g, dtype=torch.uint8)
+        tensors[f"t{(7 * i) % 15:02d}_{name}"] = raw.view(dtype)  # names not in dtype order
+    tensors["bool"] = torch.rand(4, 3, generator=g) > 0.5
+    tensors["empty"] = torch.zeros(0, 3)
+    tensors["scalar"] = torch.tensor(2.5, dtype=torch.float64)
+    tensors["strided"] = torch.arange(12.0).reshape(3, 4).T  # non-contiguous
+    ours = tmp_path / "ours.safetensors"
+    save_safetensors(ours, tensors, metadata)
+
+    lib = tmp_path / "lib.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(lib), metadata=metadata)
+    raw = lib.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    canonical = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    canonical.update(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]))
+    blob = json.dumps(canonical, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    assert ours.read_bytes() == struct.pack("<Q", len(blob)) + blob + raw[8 + n:]
+    with safe_open(str(ours), framework="pt") as f:
+        for k, v in tensors.items():
+            back = f.get_tensor(k)
+            assert back.dtype == v.dtype and back.shape == v.shape
+            assert torch.equal(back.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k

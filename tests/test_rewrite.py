@@ -20,7 +20,8 @@ from pruning.experts.baselines import random_experts
 from pruning.experts.removal import PRUNED_KEY, expert_saving, reduce_checkpoint, reduce_experts
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_config, load_model, parameter_count, read_experts, read_shared_experts
-from pruning.models.rewrite import INDEX, SINGLE, SafetensorsReader, read_header, rewrite_checkpoint
+from pruning.models.rewrite import INDEX, SINGLE, rewrite_checkpoint
+from pruning.safetensors_io import SafetensorsReader, read_header
 from pruning.weights.assemble import prune_layer
 from pruning.weights.masks import nm_mask, save_masks
 from pruning.weights.sparsity import sparsity_report

@@ -177,7 +177,7 @@ def parameter_count(model) -> int:
 
 def tensor_bytes(checkpoint_dir) -> int:
     """Bytes of tensor data in a checkpoint's safetensors files (from their headers; no tensor is read)."""
-    from .rewrite import read_header
+    from ..safetensors_io import read_header
 
     return sum(t.nbytes for f in sorted(Path(checkpoint_dir).glob("*.safetensors")) for t in read_header(f)[1].values())
 

@@ -12,7 +12,6 @@ out. Checkpoints on the hub are MXFP4-quantised (``*_blocks``/``*_scales``); per
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import moe
 from .adapter import MoEAdapter

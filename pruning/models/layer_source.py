@@ -161,7 +161,7 @@ class ShardSource(ResidentSource):
 # -- choosing a source ------------------------------------------------------------------------------
 def model_bytes(model_dir, dtype="float32") -> int:
     """Bytes the model's tensors take with floating-point ones in ``dtype`` (from the shards' headers; nothing is read)."""
-    from .rewrite import read_header
+    from ..safetensors_io import read_header
 
     itemsize = torch.empty(0, dtype=torch_dtype(dtype)).element_size()
     total = 0

@@ -7,7 +7,8 @@ import json
 
 from pruning import jobs
 from pruning.atomic import write_json
-from pruning.models.rewrite import read_metadata, rewrite_checkpoint
+from pruning.models.rewrite import rewrite_checkpoint
+from pruning.safetensors_io import read_metadata
 from pruning.weights.pattern import Pattern
 
 log = jobs.start(snakemake.log[0])
