@@ -176,6 +176,32 @@ def test_two_processes_give_the_single_process_curve():
     assert two[1]["history"][-1]["expert_loss"] < two[1]["history"][0]["expert_loss"]
 
 
+class _WholeOnlyInTheParent(distributed.CheckpointLoader):
+    """The pipeline's loader; loading the whole model inside a torchrun worker (RANK set) fails the test."""
+
+    def __call__(self, device="cpu"):
+        import os
+
+        assert "RANK" not in os.environ, "a worker loaded the whole model"
+        return super().__call__(device)
+
+
+def test_checkpoint_loaders_are_read_shard_by_shard(tmp_path):
+    """What the pipeline passes: checkpoint directories. The workers build both models on meta and read only
+    their shards, layer by layer (a whole load in a worker fails); the curve and weights equal the single process
+    that loads both whole. An expert-pruned 2:4 student, saved and reloaded as the pipeline's checkpoints are."""
+    drop = {0: [2], 1: [0]}
+    _student(pattern="2:4", drop=drop).save_pretrained(tmp_path / "student")
+    _teacher().save_pretrained(tmp_path / "teacher")
+    cfg = distill.KDConfig(epochs=1, lr=1e-2, batch_size=2, weight_decay=0.01, seed=4)
+    runs = [distributed.distill_distributed(
+        world, "cpu", _WholeOnlyInTheParent(str(tmp_path / "student")), _WholeOnlyInTheParent(str(tmp_path / "teacher")),
+        functools.partial(_masks, "2:4", drop), _data(6), cfg, progress=False) for world in (1, 2)]
+    _compare(*runs)
+    before = {n: p.detach().clone() for n, p in _student(pattern="2:4", drop=drop).named_parameters()}
+    _assert_masks_hold(runs[1][0], "2:4", drop, trained=before)
+
+
 def test_world_size_follows_the_claimed_devices(monkeypatch):
     monkeypatch.delenv(distributed.WORLD_SIZE_ENV, raising=False)
     assert distributed.world_size_for("cpu") == 1

@@ -8,15 +8,20 @@ arguments into a job file and runs
     python -P -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node W --max-restarts 0
         --no-python python -P -u -m pruning.distill.distributed JOB
 
-(one command line) with this process's ``sys.path`` as PYTHONPATH, so the workers import the same code. Every
-worker loads the models itself (the loaders are picklable callables, ``loader(device) -> model``) on the CPU and
-shards them over a one-dimensional mesh of the W processes: ``fully_shard`` on each decoder layer, then on the
-root (the student; the teacher's base model; the teacher's unused LM head on its own), which moves each
-process's shards to its device ``devices[local_rank]`` (``"cuda:k"``: backend nccl; ``"cpu"``: gloo). Device
-memory then holds 1/W of both models and of AdamW's moments, the layers being computed gathered (a student
-layer and its teacher layer at a time in the forward), the student's root parameters (embeddings, head) gathered
-from forward to backward, and the activations of this process's part of a micro-batch. Host memory: each
-worker loads full copies before sharding (W copies at start-up; a limitation).
+(one command line) with this process's ``sys.path`` as PYTHONPATH, so the workers import the same code. The
+models are sharded over a one-dimensional mesh of the W processes: ``fully_shard`` on each decoder layer, then on
+the root (the student; the teacher's base model; the teacher's unused LM head on its own), each process's shards
+on its device ``devices[local_rank]`` (``"cuda:k"``: backend nccl; ``"cpu"``: gloo). A ``CheckpointLoader``
+(what the pipeline passes) is never loaded whole by a worker: the model is built on meta with only the
+embeddings, final norm and head read (``ShardSource``), sharded, then each decoder layer is read from the
+checkpoint's shards on its own and only this process's shard of each parameter kept (``fill_shards``); host
+memory holds one layer at a time. Another loader (a picklable callable, ``loader(device) -> model``, as the tests
+pass) is loaded whole on the CPU in every worker, then sharded. Device memory holds 1/W of both models and of
+AdamW's moments, the layers being computed gathered (a student layer and its teacher layer at a time in the
+forward), the student's root parameters (embeddings, head) gathered from forward to backward, and the
+activations of this process's part of a micro-batch. The trained student is gathered parameter by parameter
+and written by rank 0 one tensor at a time; the job then loads it once, whole, in host memory, to save it
+(``save_pretrained``) and check its masks.
 
 Same update as one process, up to float summation order:
 
@@ -36,8 +41,8 @@ It is therefore computed inside each student MoE layer's experts forward (the te
 for that moment with ``unshard()``/``reshard()``) and joined to the experts' output by an autograd function that
 feeds λ·∂/∂term into the backward when the backward reaches that layer, while FSDP holds the layer gathered
 (the pattern of Megatron's auxiliary-loss scaler). Masks stay fixed on the local shards (``train.FixedMasks``).
-Resumable states are gathered to rank 0 and written in the single-process format (``state.write_state``), so
-a run resumes with any number of processes.
+Resumable states are written by rank 0 in the single-process format, each parameter and moment gathered in
+turn as it is written (``state.write_state``), so a run resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ import torch
 from torch import nn
 
 from .loss import MoECapture, layer_expert_part
-from .state import write_state
+from .state import save_state
 from .train import (KDConfig, _autocast, _begin_step, _checkpoint, _end_step, _finish, _schedule, _start, _steps,
                     distill, optimizer_step)
 
@@ -77,6 +82,62 @@ def world_size_for(devices) -> int:
 
 
 # -- launching ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointLoader:
+    """A model in a checkpoint directory, picklable. Called: the whole model on a device (``load_model``);
+    ``source()``: the meta skeleton that the torchrun workers fill with their shards alone (``fill_shards``)."""
+
+    model_dir: str
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __call__(self, device="cpu"):
+        from ..models.checkpoint import load_model
+
+        return load_model(self.model_dir, self.dtype, device, self.trust_remote_code)
+
+    def source(self):
+        from ..models.layer_source import ShardSource
+
+        return ShardSource(self.model_dir, self.dtype, "cpu", self.trust_remote_code)
+
+
+@torch.no_grad()
+def fill_shards(source, device) -> None:
+    """The decoder layers of a ``ShardSource`` skeleton, already ``fully_shard``-ed on meta, given this process's
+    shards: each layer's tensors read from the checkpoint (one layer in host memory at a time), the layer
+    allocated on ``device`` (``to_empty``; its real buffers, e.g. rotary frequencies, kept), and each
+    parameter's local shard copied from the full tensor (the shard FSDP2's ``Shard(0)`` gives this rank)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for i, layer in enumerate(source.adapter.decoder_layers(source.model)):
+        names = list(layer.state_dict(keep_vars=True))
+        tensors = source.layer_tensors(i, names)
+        real = [(m, n, b) for m in layer.modules() for n, b in m._buffers.items() if b is not None and not b.is_meta]
+        layer.to_empty(device=device)
+        for m, n, b in real:
+            m._buffers[n] = b.to(device)
+        state = layer.state_dict(keep_vars=True)
+        for name in names:
+            target, full = state[name], tensors.pop(name)
+            if isinstance(target, DTensor):
+                full = full.to(device=device, dtype=target.dtype)
+                local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+                target.to_local().copy_(local.to_local())
+            else:  # a persistent buffer (a router's selection bias): every process holds it whole
+                target.copy_(full.to(target.dtype))
+        del tensors
+
+
+def _load_for_worker(loader):
+    """(model, source or None) in a worker: a ``CheckpointLoader``'s skeleton (layers on meta), or the whole
+    model from any other loader."""
+    if isinstance(loader, CheckpointLoader):
+        source = loader.source()
+        return source.model, source
+    return loader("cpu"), None
 
 
 @dataclass
@@ -185,10 +246,8 @@ def _worker(job_file: str) -> None:
     import logging
 
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..atomic import atomic_dir, save_safetensors, write_json
     from ..models import get_adapter
 
     job: _Job = pickle.loads(Path(job_file).read_bytes())
@@ -211,21 +270,40 @@ def _worker(job_file: str) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         mesh = init_device_mesh(device.split(":")[0], (world,))
-        student, teacher, masks = job.load_student("cpu"), job.load_teacher("cpu"), job.load_masks()
+        (student, s_src), (teacher, t_src) = _load_for_worker(job.load_student), _load_for_worker(job.load_teacher)
+        masks = job.load_masks()
+
+        def fill():
+            for src in (s_src, t_src):
+                if src is not None:
+                    fill_shards(src, device)
+
         record = distill_sharded(student, teacher, get_adapter(student.config), get_adapter(teacher.config), masks,
                                  job.data, job.cfg, device=device, mesh=mesh, state_dir=job.state_dir,
                                  fingerprint=job.fingerprint, progress=job.progress and rank == 0,
-                                 log=log if rank == 0 else None)
-        weights = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            names = [n for n, _ in student.named_parameters()]
-            with atomic_dir(Path(job.result_dir)) as d:
-                save_safetensors(d / "student.safetensors", {n: weights[n] for n in names},
-                                 {"what": "distilled student", "world_size": str(world)})  # (metadata: never empty)
-                write_json(d / "record.json", record)
+                                 log=log if rank == 0 else None, after_sharding=fill)
+        write_gathered(Path(job.result_dir), student, record, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def write_gathered(result_dir: Path, student, record: dict, world: int) -> None:
+    """The trained student's full parameters, gathered one at a time (a collective: every process calls it) and
+    written by rank 0 as they come (one full tensor in host memory), with the record."""
+    import torch.distributed as dist
+
+    from ..atomic import atomic_dir, write_json
+    from ..safetensors_io import write_file
+
+    params = {n: p.detach() for n, p in student.named_parameters()}
+    meta = {"what": "distilled student", "world_size": str(world)}
+    if dist.get_rank() != 0:
+        write_file(None, params, write=False)
+        return
+    with atomic_dir(result_dir) as d:
+        write_file(d / "student.safetensors", params, meta)
+        write_json(d / "record.json", record)
 
 
 # -- sharded training -------------------------------------------------------------------------------------
@@ -340,28 +418,22 @@ def _gathered_norm(norm) -> float:
 
 
 def save_state_sharded(state_dir, step: int, student, opt, record: dict) -> None:
-    """``state.save_state`` of a sharded student: full tensors gathered (to the CPU) on rank 0, which writes them
-    in the single-process format. A collective: every process calls it."""
+    """``state.save_state`` of a sharded student: each parameter and moment gathered in turn and written by
+    rank 0 as it comes, in the single-process format (one full tensor in host memory at a time). A collective:
+    every process calls it."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(student, options=options)
-    optim = get_optimizer_state_dict(student, opt, options=options)
-    if dist.get_rank() == 0:
-        names = [n for n, _ in student.named_parameters()]
-        moments = optim.get("state", {})
-        write_state(state_dir, step, {n: weights[n] for n in names}, {n: moments.get(n) for n in names}, record)
+    save_state(state_dir, step, student, opt, record, write=dist.get_rank() == 0)
     dist.barrier()
 
 
 def distill_sharded(student, teacher, s_adapter, t_adapter, masks: dict, data: torch.Tensor, cfg: KDConfig, *,
                     device="cpu", mesh=None, state_dir=None, fingerprint: str = "", progress: bool = True, log=None,
-                    on_checkpoint=None) -> dict:
+                    on_checkpoint=None, after_sharding=None) -> dict:
     """``train.distill`` on this process's part of the data, the models sharded over the process group (every
-    process calls it with the same arguments). The models are sharded in place (``shard_models``); the record
-    is the same on every process."""
+    process calls it with the same arguments). The models are sharded in place (``shard_models``), then
+    ``after_sharding()`` runs (``fill_shards`` of models built on meta); the record is the same on every
+    process."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -375,6 +447,8 @@ def distill_sharded(student, teacher, s_adapter, t_adapter, masks: dict, data: t
     teacher.eval().requires_grad_(False)
     student.train()
     shard_models(student, teacher, s_adapter, t_adapter, mesh)
+    if after_sharding is not None:
+        after_sharding()
     # each process: its shards of the masks and of AdamW's moments
     fixed, params, opt, record, start = _start(student, s_adapter, masks, cfg, spe, total, state_dir=state_dir,
                                                fingerprint=fingerprint, log=log)

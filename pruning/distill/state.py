@@ -20,35 +20,44 @@ def _param_names(model) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters())  # tied parameters appear once
 
 
-def save_state(state_dir, step: int, student, opt, record: dict) -> Path:
-    """Write ``state_dir/step_<step>`` atomically (a new name, then rename), then remove older states."""
+def save_state(state_dir, step: int, student, opt, record: dict, *, write: bool = True) -> Path:
+    """Write ``state_dir/step_<step>`` atomically (a new name, then rename), then remove older states. A sharded
+    student's parameters and moments are gathered one tensor at a time as they are written: every process calls
+    it, one with ``write`` (``write_state``)."""
     params = _param_names(student)
     return write_state(state_dir, step, {n: p.detach() for n, p in params.items()},
-                       {n: opt.state.get(p) for n, p in params.items()}, record)
+                       {n: opt.state.get(p) for n, p in params.items()}, record, write=write)
 
 
 def write_state(state_dir, step: int, weights: dict[str, torch.Tensor], moments: dict[str, dict | None],
-                record: dict) -> Path:
-    """``save_state`` from full tensors: ``weights[name]`` each parameter, ``moments[name]`` its AdamW state
-    (``exp_avg``, ``exp_avg_sq``, ``step``; empty or None before the first step). A sharded run gathers them
-    first (``pruning.distill.distributed``); the files are the same for every number of processes."""
+                record: dict, *, write: bool = True) -> Path:
+    """``save_state`` from ``weights[name]`` each parameter and ``moments[name]`` its AdamW state (``exp_avg``,
+    ``exp_avg_sq``, ``step``; empty or None before the first step). Sharded tensors (DTensors) are gathered
+    one at a time as they are written, so the files are the same for every number of processes and no process
+    holds more than one full tensor; with ``write`` False (every process of a sharded run but one) nothing is
+    written, but the gathers are taken part in, in the same order."""
     from ..atomic import atomic_dir, save_safetensors, write_json
+    from ..safetensors_io import write_file
 
     state_dir = Path(state_dir)
     target = state_dir / f"step_{step:08d}"
+    flat = {}
+    for n in weights:
+        st = moments.get(n)
+        if st:
+            flat[f"{n}.exp_avg"] = st["exp_avg"]
+            flat[f"{n}.exp_avg_sq"] = st["exp_avg_sq"]
+            flat[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    flat["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        flat["rng.cuda"] = torch.cuda.get_rng_state()
+    if not write:
+        write_file(None, weights, write=False)
+        write_file(None, flat, write=False)
+        return target
     with atomic_dir(target) as d:
         meta = {"step": str(step), "fingerprint": record["fingerprint"]}
         save_safetensors(d / "model.safetensors", weights, meta)
-        flat = {}
-        for n in weights:
-            st = moments.get(n)
-            if st:
-                flat[f"{n}.exp_avg"] = st["exp_avg"]
-                flat[f"{n}.exp_avg_sq"] = st["exp_avg_sq"]
-                flat[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        flat["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            flat["rng.cuda"] = torch.cuda.get_rng_state()
         save_safetensors(d / "optimizer.safetensors", flat, meta)
         write_json(d / "state.json", {**record, "step": step})
     for old in sorted(state_dir.glob("step_*")):

@@ -1,8 +1,8 @@
 """Expert-wise knowledge distillation of one pruned variant from the unpruned model, masks fixed; resumable.
 
 The job trains over the devices it claims (``model.gpus``): one GPU, in this process; N GPUs, N processes
-(PyTorch FSDP2 through torchrun, ``pruning.distill.distributed``), each loading both models and keeping its
-shard. Without a GPU it runs on the CPU, in this process unless ``$PRUNING_DISTILL_WORLD_SIZE`` asks for more
+(PyTorch FSDP2 through torchrun, ``pruning.distill.distributed``), each reading only its shards of both models,
+one decoder layer at a time. Without a GPU it runs on the CPU, in this process unless ``$PRUNING_DISTILL_WORLD_SIZE`` asks for more
 (gloo)."""
 import csv
 import functools
@@ -18,11 +18,11 @@ from pruning.atomic import atomic_dir, write_json, write_text
 from pruning.data.sources import calibration_tokens
 from pruning.distill import HISTORY_FIELDS
 from pruning.distill import train as distill
-from pruning.distill.distributed import distill_distributed, world_size_for
+from pruning.distill.distributed import CheckpointLoader, distill_distributed, world_size_for
 from pruning.distill.state import fingerprint
 from pruning.gpu_pool import claim_devices, log_device
 from pruning.models import get_adapter
-from pruning.models.checkpoint import load_model, torch_dtype
+from pruning.models.checkpoint import torch_dtype
 from pruning.weights.masks import load_layer_masks
 from pruning.weights.pattern import Pattern
 from pruning.weights.sparsity import check_layer_nm, sparsity_report
@@ -43,11 +43,11 @@ with claim_devices(p.model.get("gpus", 1)) as devices:  # whole-model job: model
     log.info("distilling %s on %d x %d tokens from %s, %s, %d process(es) (%d steps)", inp.checkpoint, *data.shape,
              kd["source"], ",".join(devices), world, distill.steps_per_epoch(data.shape[0], cfg) * cfg.epochs)
     # fp32 master weights for AdamW (bf16 runs as autocast on top); the teacher stays in the model's dtype.
-    # Loaders, not models: with N processes each worker loads (and shards) its own copy.
+    # Loaders, not models: with N processes each worker reads only its shards, layer by layer.
     trc = p.model["trust_remote_code"]
     student, record = distill_distributed(
-        world, devices, functools.partial(load_model, str(inp.checkpoint), "float32", trust_remote_code=trc),
-        functools.partial(load_model, str(p.teacher_dir), p.model["dtype"], trust_remote_code=trc),
+        world, devices, CheckpointLoader(str(inp.checkpoint), "float32", trc),
+        CheckpointLoader(str(p.teacher_dir), p.model["dtype"], trc),
         functools.partial(load_layer_masks, mask_files), data, cfg, state_dir=p.resume_dir, fingerprint=key, log=log)
     # saved in the model's dtype; a zero stays zero when rounded
     student = student.to("cpu", torch_dtype(p.model["dtype"]))
