@@ -144,6 +144,9 @@ class ShardSource(ResidentSource):
         layer = self.adapter.decoder_layers(self.model)[i]
         empty = [(m, m._parameters, name, t) for m in layer.modules() for name, t in m._parameters.items()
                  if t is not None and t.device.type == "meta"]
+        # buffers too: a persistent one read from the shards (a router's selection bias) may be a view of the
+        # shard's memory map, which would keep every page read for this layer resident after it is emptied
+        empty += [(m, m._buffers, name, t) for m in layer.modules() for name, t in m._buffers.items() if t is not None]
         state = layer.state_dict(keep_vars=True)
         tensors = self.layer_tensors(i, list(state))
         layer.load_state_dict({k: self._cast(t, state[k]) for k, t in tensors.items()}, strict=True, assign=True)
