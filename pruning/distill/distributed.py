@@ -109,8 +109,11 @@ def fill_shards(source, device) -> None:
     """The decoder layers of a ``ShardSource`` skeleton, already ``fully_shard``-ed on meta, given this process's
     shards: each layer's tensors read from the checkpoint (one layer in host memory at a time), the layer
     allocated on ``device`` (``to_empty``; its real buffers, e.g. rotary frequencies, kept), and each
-    parameter's local shard copied from the full tensor (the shard FSDP2's ``Shard(0)`` gives this rank)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    parameter's local shard cut from the full tensor on the CPU (the block FSDP2's ``Shard(0)`` gives this rank),
+    so only the shard reaches the device."""
+    from torch.distributed.tensor import DTensor
+
+    from .state import local_part
 
     for i, layer in enumerate(source.adapter.decoder_layers(source.model)):
         names = list(layer.state_dict(keep_vars=True))
@@ -123,9 +126,7 @@ def fill_shards(source, device) -> None:
         for name in names:
             target, full = state[name], tensors.pop(name)
             if isinstance(target, DTensor):
-                full = full.to(device=device, dtype=target.dtype)
-                local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-                target.to_local().copy_(local.to_local())
+                target.to_local().copy_(local_part(target, full))
             else:  # a persistent buffer (a router's selection bias): every process holds it whole
                 target.copy_(full.to(target.dtype))
         del tensors
