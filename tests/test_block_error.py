@@ -16,6 +16,8 @@ def test_relative_block_error_hand_cases(tiny_mixtral):
     assert relative_block_error(dense, dense, x, routing) == 0.0
     half = Experts(dense.gate_up, dense.down * 0.5, dense.act)
     assert abs(relative_block_error(dense, half, x, routing) - 0.5) < 1e-9  # down_proj / 2 halves every expert output
+    # the pruned experts built one at a time (the job's form) give the same number
+    assert relative_block_error(dense, lambda e: half.expert(e), x, routing) == relative_block_error(dense, half, x, routing)
     # one expert zeroed: the error is that expert's share of the output, computed token by token
     cut = Experts(dense.gate_up, dense.down.clone(), dense.act)
     cut.down[2] = 0

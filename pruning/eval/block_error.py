@@ -6,15 +6,28 @@ the quantity MoE-Pruner (diagonally) and router-weighted SparseGPT (fully) minim
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..moe import Experts, Routing
 
 
 @torch.no_grad()
-def relative_block_error(dense: Experts, pruned: Experts, inputs: torch.Tensor, routing: Routing) -> float:
-    """||Y_dense - Y_pruned||_F / ||Y_dense||_F of the block on its inputs (T, H) and routing, in float64."""
+def relative_block_error(dense: Experts, pruned: Experts | Callable[[int], Experts], inputs: torch.Tensor,
+                         routing: Routing) -> float:
+    """||Y_dense - Y_pruned||_F / ||Y_dense||_F of the block on its inputs (T, H) and routing, in float64, where
+    Y = sum over each token's routed experts of g * f_e(x). ``pruned``: the pruned experts, or a function giving
+    pruned expert e alone (a one-expert ``Experts``) when its turn comes, so that only one pruned expert exists
+    at a time; each expert is cast to float64 on its own."""
     x = inputs.double()
-    y = dense.block_output(x, routing, dtype=torch.float64)  # one expert in float64 at a time
-    y_p = pruned.block_output(x, routing, dtype=torch.float64)
+    one = pruned if callable(pruned) else pruned.expert
+    y, y_p = torch.zeros_like(x), torch.zeros_like(x)
+    for e in range(dense.num_experts):
+        token, g = routing.tokens_of(e)
+        if token.numel() == 0:
+            continue
+        xe, g = x[token], g[:, None].double()
+        y.index_add_(0, token, dense.expert(e, torch.float64).output(0, xe) * g)
+        y_p.index_add_(0, token, one(e).to(torch.float64).output(0, xe) * g)
     return float(torch.linalg.norm(y - y_p) / torch.linalg.norm(y))

@@ -18,15 +18,16 @@ for li, (mask_path, inputs_path) in enumerate(zip(inp.masks, inp.inputs)):
     masks, meta = load_masks(mask_path)
     layer = int(meta["layer"])
     dense = read_experts(p.model_dir, adapter, layer)
-    if weights:  # updated weights read for this job alone: masked in place, no second copy
-        new = load_file(weights[li])
-        pruned = dense.with_weights(new["gate_up"].mul_(masks["gate_up"]), new["down"].mul_(masks["down"]))
-    else:
-        pruned = dense.with_weights(dense.gate_up * masks["gate_up"], dense.down * masks["down"])
-    del masks
+    new = load_file(weights[li]) if weights else {"gate_up": dense.gate_up, "down": dense.down}
+
+    def pruned(e, dense=dense, new=new, masks=masks):  # one pruned expert at a time, never a pruned copy of the layer
+        s = slice(e, e + 1)
+        return dense.expert(e).with_weights(new["gate_up"][s] * masks["gate_up"][s], new["down"][s] * masks["down"][s])
+
     inputs = load_file(inputs_path)["hidden_states"].float()
     routing = read_router(p.model_dir, adapter, layer).to(torch.float32).route(inputs)
     errors[str(layer)] = relative_block_error(dense, pruned, inputs, routing)
+    del dense, new, masks, pruned
     log.info("layer %d: relative MoE-block output error %.5f", layer, errors[str(layer)])
 mean = sum(errors.values()) / len(errors)
 write_json(snakemake.output[0], {"relative_block_error": errors, "mean": mean, "environment": jobs.environment()})
