@@ -143,19 +143,17 @@ def peaks(work: Path) -> dict[str, float]:
 
 
 def layer_sizes(ckpt: Path) -> tuple[int, int]:
-    """(bytes of the largest decoder layer, total tensor bytes), from the safetensors header."""
+    """(bytes of the largest decoder layer, total tensor bytes), from the shards' safetensors headers."""
     from collections import defaultdict
 
-    with open(next(ckpt.glob("*.safetensors")), "rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    from pruning.safetensors_io import read_header
+
     per_layer, total = defaultdict(int), 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        n = v["data_offsets"][1] - v["data_offsets"][0]
-        total += n
-        if k.startswith("model.layers."):
-            per_layer[int(k.split(".")[2])] += n
+    for f in sorted(ckpt.glob("*.safetensors")):
+        for k, t in read_header(f)[1].items():
+            total += t.nbytes
+            if k.startswith("model.layers."):
+                per_layer[int(k.split(".")[2])] += t.nbytes
     return max(per_layer.values()), total
 
 
