@@ -42,10 +42,10 @@ class TensorInfo(NamedTuple):
 
     @property
     def numel(self) -> int:
-        return numel(self.shape)
+        return _numel(self.shape)
 
 
-def numel(shape) -> int:
+def _numel(shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -165,7 +165,7 @@ class SafetensorsWriter:
         for key, dtype, shape in tensors:
             if key in header:
                 raise ValueError(f"tensor {key} written twice")
-            nbytes = numel(shape) * DTYPES[dtype].itemsize
+            nbytes = _numel(shape) * DTYPES[dtype].itemsize
             header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._pending.append((key, dtype, tuple(shape), nbytes))
             offset += nbytes

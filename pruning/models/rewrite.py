@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ..safetensors_io import (DTYPES, SafetensorsReader, SafetensorsWriter, TensorInfo, numel,
+from ..safetensors_io import (DTYPES, SafetensorsReader, SafetensorsWriter, TensorInfo, _numel,
                               read_header, read_metadata)
 from . import get_adapter
 
@@ -296,7 +296,7 @@ class _Rewrite:
                 if new is None:
                     continue
                 shape = info.shape if rows is None else (len(rows),) + tuple(info.shape[1:])
-                nbytes = numel(shape) * info.torch_dtype.itemsize
+                nbytes = _numel(shape) * info.torch_dtype.itemsize
                 if cur and size + nbytes > max_shard_size:
                     shards.append((meta, cur))
                     cur, size = [], 0
@@ -461,7 +461,7 @@ def rewrite_checkpoint(base_dir, out_dir, *, masks: dict[int, str | Path] | None
                 writer.close()
                 for o in outs:
                     wmap[o.key] = name
-                    total += numel(o.shape) * DTYPES[o.dtype].itemsize
+                    total += _numel(o.shape) * DTYPES[o.dtype].itemsize
             if not single:
                 meta = {k: v for k, v in ck.index_metadata.items() if k not in ("total_size", "total_parameters")}
                 index = {"metadata": {**meta, "total_size": total}, "weight_map": dict(sorted(wmap.items()))}
