@@ -122,7 +122,8 @@ def main():
     from pruning.models.layer_source import ShardSource
     from pruning.weights.masks import save_masks
     from pruning.weights.pattern import Pattern
-    from pruning.weights.prune import layer_masks, layer_sparsegpt
+    from pruning.weights.prune import layer_masks
+    from pruning.weights.sparsegpt import layer_sparsegpt
 
     cuda = a.device.startswith("cuda")
     if cuda:

@@ -23,7 +23,8 @@ from pruning.models import get_adapter
 from pruning.models.checkpoint import load_model
 from pruning.moe import Experts, Router
 from pruning.weights.pattern import Pattern
-from pruning.weights.prune import layer_masks, layer_sparsegpt
+from pruning.weights.prune import layer_masks
+from pruning.weights.sparsegpt import layer_sparsegpt
 
 METHODS = list(WEIGHT_METHODS)
 

@@ -28,7 +28,8 @@ from pruning.models import get_adapter
 from pruning.models.checkpoint import load_config, read_experts, read_router
 from pruning.weights.assemble import prune_layer
 from pruning.weights.pattern import Pattern
-from pruning.weights.prune import layer_masks, layer_sparsegpt
+from pruning.weights.prune import layer_masks
+from pruning.weights.sparsegpt import layer_sparsegpt
 from pruning.weights.sparsity import check_layer_nm, sparsity_report
 
 ROOT = Path(__file__).resolve().parents[1]

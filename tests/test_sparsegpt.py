@@ -11,7 +11,7 @@ from pruning.moe import Experts, Router
 from pruning.weights.hessian import HESSIAN_MODES, expert_hessians
 from pruning.weights.masks import select_mask
 from pruning.weights.pattern import Pattern
-from pruning.weights.prune import layer_sparsegpt
+from pruning.weights.sparsegpt import layer_sparsegpt
 from pruning.weights.scores import score
 from pruning.weights.sparsegpt import sparsegpt
 

@@ -14,11 +14,22 @@ import yaml
 from pruning.weights.masks import load_masks
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--resources", "gpu=2", "--cores", "2"]
+# The workflow runs from a copy of its code inside each run directory (code/), so that a test can edit a module
+# or a script and ask Snakemake what reruns without touching the repository.
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", "code/Snakefile", "--resources", "gpu=2", "--cores", "2"]
 MICRO = yaml.safe_load((ROOT / "tests/micro_params.yaml").read_text())
 MICRO["artifacts"]["keep_pruned_checkpoints"] = True
 VARIANTS = "results/micro/full/builtin-n8-l32-s0"
 CALIB = "results/micro/full/calib/builtin-n8-l32-s0/dense"
+
+
+def copy_code(workdir):
+    import shutil
+
+    (workdir / "code").mkdir()
+    shutil.copy2(ROOT / "Snakefile", workdir / "code/Snakefile")
+    for name in ("workflow", "pruning"):
+        shutil.copytree(ROOT / name, workdir / "code" / name, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def smk(workdir, *args, timeout=1200):
@@ -40,6 +51,7 @@ def planned_jobs(workdir, params) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("e2e")
+    copy_code(d)
     (d / "params.yaml").write_text(yaml.safe_dump(MICRO))
     smk(d)
     return d
@@ -105,6 +117,32 @@ def test_sequential_matches_dense_on_layer0_and_differs_after(run):
     assert torch.equal(x["dense", 0], x["seq", 0]) and not torch.allclose(x["dense", 1], x["seq", 1])
 
 
+def artifact_hashes(workdir) -> dict[str, str]:
+    """sha256 of every artifact: results (logs and benchmark files aside: wall times), data and metrics."""
+    out = {}
+    for top in ("results", "data", "metrics"):
+        for p in sorted((workdir / top).rglob("*")):
+            rel = p.relative_to(workdir).as_posix()
+            if p.is_file() and not re.match(r"results/(?:[^/]+/)?(?:logs|benchmarks)/", rel):
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_a_second_clean_run_is_byte_identical(run, tmp_path):
+    """Determinism: a fresh run of the same params in another directory writes the same bytes: corpus, model,
+    statistics, masks, weights, checkpoints, searches, evaluations, metrics and plots. (The same --cores: with
+    another thread count the jobs that take every core reduce in other chunks; the README lists what differs.)"""
+    d = tmp_path / "again"
+    d.mkdir()
+    copy_code(d)
+    (d / "params.yaml").write_text(yaml.safe_dump(MICRO))
+    smk(d)
+    first, second = artifact_hashes(run), artifact_hashes(d)
+    assert len(first) > 250 and set(first) == set(second)
+    differ = sorted(k for k in first if first[k] != second[k])
+    assert not differ, differ
+
+
 def test_second_dry_run_has_nothing_to_do(run):
     assert "Nothing to be done" in smk(run, "-n")
 
@@ -118,6 +156,67 @@ def test_evaluation_setting_change_reruns_only_that_evaluation(run, section, key
     changed[section][key] = value
     jobs = planned_jobs(run, changed)
     assert set(jobs) == expected, jobs
+
+
+def jobs_after_editing(workdir, *files) -> dict:
+    """Job counts per rule of a dry run after a comment was added to each of ``files`` (paths in the run's copy
+    of the code); contents and modification times are restored afterwards."""
+    import os
+
+    paths = [workdir / "code" / f for f in files]
+    before = [(p.read_bytes(), p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in paths]
+    try:
+        for p in paths:
+            p.write_bytes(p.read_bytes() + b"# an edit\n")
+        out = smk(workdir, "-n")
+    finally:
+        for p, (text, atime, mtime) in zip(paths, before):
+            p.write_bytes(text)
+            os.utime(p, ns=(atime, mtime))
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+# Rules downstream of a SparseGPT variant's masks (sequential propagation feeds the masks of layer 0 forward).
+SPARSEGPT_DESCENDANTS = {"mask_sparsegpt", "calibrate_sequential", "apply", "block_error", "evaluate_ppl", "evaluate_lm_eval",
+                         "report", "all"}
+
+
+@pytest.mark.parametrize("module", ["pruning/weights/sparsegpt.py",  # imported by the SparseGPT mask script
+                                    "pruning/weights/hessian.py"])   # imported by sparsegpt.py only: indirectly
+def test_library_edit_reruns_exactly_the_jobs_whose_scripts_import_it(run, module):
+    jobs = jobs_after_editing(run, module)
+    assert set(jobs) == SPARSEGPT_DESCENDANTS, jobs  # no score-method mask, no calibration, no distillation
+    variants = 2 * 2  # bases x propagations, one SparseGPT method at one sparsity
+    assert jobs["mask_sparsegpt"] == variants * 2 and jobs["apply"] == jobs["block_error"] == variants
+    assert jobs["calibrate_sequential"] == 2  # layer 1 of each sequential chain (layer 0 reads only the tokens)
+    assert jobs["evaluate_ppl"] == jobs["evaluate_lm_eval"] == variants
+
+
+def test_script_edit_reruns_its_rule(run):
+    jobs = jobs_after_editing(run, "workflow/scripts/apply.py")
+    assert set(jobs) == {"apply", "distill", "evaluate_ppl", "evaluate_lm_eval", "report", "all"}, jobs
+    assert jobs["apply"] == 2 * 2 * 2 and jobs["distill"] == 4  # every weight-pruned variant; the tuned ones from them
+    assert set(jobs_after_editing(run, "pruning/report/tables.py")) == {"report", "all"}  # the report's code only
+
+
+def test_params_edit_builds_the_new_variants_with_a_bare_snakemake(run):
+    """params.yaml itself edited (no --configfile): a bare `snakemake` builds the new methods' variants."""
+    params = run / "params.yaml"
+    original = params.read_text()
+    changed = yaml.safe_load(original)
+    changed["prune"]["methods"] = changed["prune"]["methods"] + ["wanda"]
+    try:
+        params.write_text(yaml.safe_dump(changed))
+        out = smk(run, "-n")
+    finally:
+        params.write_text(original)
+    assert "Nothing to be done" not in out
+    table = out.split("Job stats:")[1].split("total")[0]
+    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    assert jobs["mask"] == 2 * 2 * 2 and jobs["apply"] == 2 * 2 and "report" in jobs, jobs  # wanda: bases x props x layers
 
 
 def test_method_or_sparsity_change_never_recalibrates(run):

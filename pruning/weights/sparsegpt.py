@@ -21,6 +21,15 @@ Details that follow the reference implementation: the Hessian is float32 (float6
 column that never fires (H_jj = 0) gets H_jj = 1 and its weights are zeroed; dampening adds
 ``percdamp * mean(diag H)`` to the diagonal. If the Cholesky factorisation still fails, the dampening is
 raised tenfold (with a logged warning) until it succeeds.
+
+``layer_sparsegpt`` runs it on one MoE layer's experts, one variant per Hessian token mode (``hessian``):
+  sparsegpt                 routed tokens, unweighted (the papers' baseline)
+  sparsegpt_all_tokens      every token through every expert (llm-compressor's default)
+  sparsegpt_gate_weighted   routed tokens weighted by g^2: router-weighted SparseGPT
+The gate, up and down projections of every expert are pruned as separate matrices (as separate nn.Linear
+modules would be), from the same dense forward. An expert that no calibration token reaches has an all-zero
+Hessian, and SparseGPT would zero it whole: it is pruned by weight magnitude at the same pattern instead
+(recorded in the mask metadata), its surviving weights unchanged.
 """
 from __future__ import annotations
 
@@ -28,6 +37,10 @@ import logging
 
 import torch
 
+from ..methods import SPARSEGPT_METHODS, WEIGHT_METHODS
+from ..moe import Experts, Routing
+from .hessian import expert_hessians
+from .masks import full_masks, select_mask
 from .pattern import Pattern
 
 log = logging.getLogger(__name__)
@@ -99,3 +112,44 @@ def sparsegpt(
         keep[:, i1:i2] = ~pruned
     info = {"damp": damp, "dead_columns": int(dead.sum()), "obs_loss": float(loss)}
     return w.to(weight.dtype), keep, info
+
+
+@torch.no_grad()
+def layer_sparsegpt(
+    method: str, pattern: Pattern, experts: Experts, inputs: torch.Tensor, routing: Routing,
+    blocksize: int = 128, percdamp: float = 0.01, dtype=torch.float32, inplace: bool = False,
+):
+    """SparseGPT methods on one layer's experts from its cached MoE-block inputs (T, H) and their routing.
+
+    Returns (masks, updated weights {'gate_up', 'down'} in the input dtype, info). With ``inplace`` the updated
+    weights are ``experts``' own tensors, overwritten (a caller that read them for this alone saves a copy of the
+    layer); each expert's Hessians are built before its weights change, so the result is the same.
+    """
+    if method not in SPARSEGPT_METHODS:
+        raise ValueError(f"unknown SparseGPT method {method!r}; allowed: {', '.join(SPARSEGPT_METHODS)}")
+    mode = WEIGHT_METHODS[method].hessian
+    inter = experts.intermediate_size
+    masks = full_masks(experts)
+    new = {k: w if inplace else w.clone(memory_format=torch.contiguous_format)
+           for k, w in (("gate_up", experts.gate_up), ("down", experts.down))}
+    fallback, tokens, damp, dead, loss = [], [], 0.0, 0, 0.0
+    for e in range(experts.num_experts):
+        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, experts, dtype=dtype)
+        tokens.append(n)
+        if n == 0:
+            fallback.append(e)
+            for key in ("gate_up", "down"):
+                masks[key][e] = select_mask(new[key][e].abs(), pattern)
+                new[key][e] *= masks[key][e]
+            continue
+        parts = (("gate_up", slice(0, inter), h_in), ("gate_up", slice(inter, 2 * inter), h_in),
+                 ("down", slice(None), h_mid))
+        for key, rows, hess in parts:
+            w, keep, info = sparsegpt(new[key][e][rows], hess, pattern, blocksize, percdamp, dtype)
+            new[key][e][rows], masks[key][e][rows] = w, keep
+            damp, dead, loss = max(damp, info["damp"]), dead + info["dead_columns"], loss + info["obs_loss"]
+    info = {
+        "fallback_experts": fallback, "fallback_method": "magnitude", "hessian": mode, "tokens_per_expert": tokens,
+        "max_damp": damp, "dead_columns": dead, "obs_loss": loss, "blocksize": blocksize, "percdamp": percdamp,
+    }
+    return masks, new, info

@@ -7,7 +7,7 @@ rule calibrate:
     input:
         model=base_inputs,
         corpus=corpus_inputs(),
-        code=pkg(*MODEL_CODE, "calib/stream", "calib/stats", "data/sources", "data/corpus"),
+        code=script_code("calibrate.py"),
     output:
         tokens=tokens_file("{base}", "{cid}"),
         stats=expand(calib_file("{base}", "{cid}", "stats"), layer=LAYERS, allow_missing=True),
@@ -36,7 +36,7 @@ rule calibrate_sequential:
     input:
         unpack(previous_layer),
         model=base_inputs,
-        code=pkg(*MODEL_CODE, "calib/stream", "calib/stats", "weights/assemble", "weights/masks", "weights/pattern"),
+        code=script_code("calibrate_sequential.py"),
     output:
         hidden=seq_file(VARIANT.dir, "hidden"),
         stats=seq_file(VARIANT.dir, "stats"),

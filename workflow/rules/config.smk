@@ -7,18 +7,12 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from pruning.eval.lm_harness import LOCAL_TASKS, resolve_tasks
-from pruning.params import ParamsError, check_experts, check_model, check_schema, check_semantics
+from pruning.params import ParamsError, check_params
 from pruning.sweep import Sweep
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/params.schema.yaml"
-try:
-    check_schema(config, SCHEMA)
-    check_semantics(config)
-    EXTERNAL_MODEL_CONFIG = check_model(config)
-    if isinstance(config.get("experts"), dict) and config["experts"].get("task", {}) is None:
-        config["experts"]["task"] = {}  # `-S experts.task=null`: Snakemake's default-filling validator cannot enter null
-    validate(config, str(SCHEMA))  # fills schema defaults
-    check_experts(config, EXTERNAL_MODEL_CONFIG)
+try:  # fills the schema's defaults between the checks that need them
+    EXTERNAL_MODEL_CONFIG = check_params(config, SCHEMA, fill_defaults=lambda c: validate(c, str(SCHEMA)))
 except ParamsError as exc:
     sys.stderr.write(f"params.yaml: {exc}\n")
     sys.exit(1)
@@ -50,13 +44,12 @@ DISTILL_TRAINING = {k: v for k, v in config["distill"].items() if k not in ("met
 README_BLOCK = config["report"].get("readme_block", "results")
 
 
-# Library modules most jobs run: the family adapters, checkpoints, the MoE primitives and the job plumbing.
-MODEL_CODE = tuple(f"models/{f.stem}" for f in sorted((Path(workflow.basedir) / "pruning/models").glob("*.py"))) + (
-    "moe", "jobs", "gpu_pool", "atomic")
-
-
-def pkg(*modules):
-    """Library modules a rule's result depends on (Snakemake does not track imported code itself).
+def script_code(script):
+    """A rule's code inputs: its script in workflow/scripts/ and every library file that script imports, directly
+    or not (pruning.import_closure, read when the workflow loads). Snakemake does not track imported code itself.
 
     Relative to the working directory, so a clone or a moved checkout keeps its provenance."""
-    return [os.path.relpath(Path(workflow.basedir) / "pruning" / f"{m}.py") for m in modules]
+    from pruning.import_closure import import_closure
+
+    path = Path(workflow.basedir) / "workflow/scripts" / script
+    return [os.path.relpath(f) for f in (path, *import_closure(path, Path(workflow.basedir) / "pruning"))]

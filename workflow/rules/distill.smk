@@ -15,8 +15,7 @@ rule distill:
         sparsity=VARIANT.file("sparsity"),
         teacher=model_inputs(),
         corpus=corpus_inputs(),
-        code=pkg(*MODEL_CODE, "distill/train", "distill/loss", "distill/state", "distill/distributed", "experts/removal",
-                 "weights/sparsity", "weights/masks", "weights/pattern", "data/sources", "data/corpus"),
+        code=script_code("distill.py"),
     output:
         checkpoint=directory(TUNED.file("checkpoint")),
         history=TUNED.file("history"),

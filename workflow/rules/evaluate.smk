@@ -8,8 +8,7 @@ rule evaluate_ppl:
     input:
         checkpoint=checkpoint_inputs,
         corpus=corpus_inputs(),
-        code=pkg(*MODEL_CODE, "experts/skipping", "experts/removal", "eval/perplexity", "eval/usage", "calib/stream", "data/sources",
-                 "data/corpus"),
+        code=script_code("evaluate_ppl.py"),
     output:
         f"{ANY}/eval/{{ds}}.json",
     log:
@@ -35,7 +34,7 @@ rule block_error:
         unpack(layer_files),
         inputs=lambda w: [moe_inputs_file(w, i) for i in LAYERS],
         model=base_inputs,
-        code=pkg(*MODEL_CODE, "eval/block_error", "weights/masks", "weights/pattern"),
+        code=script_code("block_error.py"),
     output:
         VARIANT.file("block_error"),
     log:

@@ -10,7 +10,7 @@ rule expert_search:
     input:
         inputs=DENSE_INPUTS,
         model=model_inputs(),
-        code=pkg(*MODEL_CODE, "experts/search", "experts/baselines"),
+        code=script_code("expert_search.py"),
     output:
         f"{SEARCH}/layer_{{layer}}.json",
     log:
@@ -48,7 +48,7 @@ rule expert_search_progressive:
     input:
         unpack(progressive_previous),
         model=model_inputs(),
-        code=pkg(*MODEL_CODE, "experts/search", "calib/stream", "calib/stats"),
+        code=script_code("expert_search_progressive.py"),
     output:
         search=f"{SEARCH}/progressive/layer_{{layer}}.json",
         hidden=f"{SEARCH}/progressive/layer_{{layer}}.hidden_out.safetensors",
@@ -83,7 +83,7 @@ rule apply_experts:
     input:
         searches=searches,
         model=model_inputs(),
-        code=pkg(*MODEL_CODE, "experts/removal"),
+        code=script_code("apply_experts.py"),
     output:
         checkpoint=checkpoint_output(directory(WHOLE.file("checkpoint"))),
         reduction=WHOLE.file("reduction"),
@@ -109,7 +109,7 @@ rule skip_calibrate:
     input:
         stats=expand(calib_file("{base}", CID, "stats"), layer=LAYERS, allow_missing=True),
         model=base_inputs,
-        code=pkg("experts/skipping", "atomic", "jobs"),
+        code=script_code("skip_calibrate.py"),
     output:
         checkpoint=checkpoint_output(directory(SKIPPING.file("checkpoint"))),
         betas=SKIPPING.file("betas"),

@@ -6,7 +6,7 @@ rule lm_eval_tasks:
     """The local lm-eval tasks' JSONL files, from the test split only (workflow/lm_eval_tasks/*.yaml read them)."""
     input:
         corpus=CORPUS_FILES,
-        code=pkg("data/lm_tasks", "data/sources", "data/corpus", "atomic", "jobs"),
+        code=script_code("build_lm_tasks.py"),
     output:
         **{t: f"{LM_TASK_DATA}/{t}.jsonl" for t in LOCAL_TASKS},
         manifest=f"{LM_TASK_DATA}/manifest.json",
@@ -26,7 +26,7 @@ rule evaluate_lm_eval:
     input:
         checkpoint=checkpoint_inputs,
         tasks=lm_task_inputs(),
-        code=pkg(*MODEL_CODE, "experts/skipping", "experts/removal", "eval/lm_harness"),
+        code=script_code("evaluate_lm_eval.py"),
     output:
         f"{ANY}/eval/lm_eval.json",
     log:

@@ -3,7 +3,7 @@
 
 rule corpus:
     input:
-        code=pkg("data/corpus", "atomic", "jobs"),
+        code=script_code("build_corpus.py"),
     output:
         CORPUS_FILES,
     log:
@@ -19,7 +19,7 @@ rule corpus:
 rule train_tiny:
     input:
         corpus=CORPUS_FILES,
-        code=pkg("models/tiny", "models/checkpoint", "data/sources", "data/corpus", "eval/perplexity", "atomic", "jobs"),
+        code=script_code("train_tiny.py"),
     output:
         model=directory(MODEL_DIR),
         report=f"{ROOT}/base_report.json",

@@ -1,6 +1,4 @@
 # Weight pruning: per-layer masks (and SparseGPT's updated weights), then the assembled pruned checkpoint.
-MASK_CODE = ("methods", "weights/masks", "weights/pattern", "weights/prune", "weights/scores", "weights/hessian",
-             "weights/sparsegpt")
 
 
 rule mask:
@@ -8,7 +6,7 @@ rule mask:
     input:
         stats=stats_file,
         model=base_inputs,
-        code=pkg(*MODEL_CODE, *MASK_CODE),
+        code=script_code("mask.py"),
     output:
         mask_file(VARIANT.dir),
     log:
@@ -32,7 +30,7 @@ rule mask_sparsegpt:
     input:
         inputs=lambda w: moe_inputs_file(w, w.layer),
         model=base_inputs,
-        code=pkg(*MODEL_CODE, *MASK_CODE),
+        code=script_code("mask_sparsegpt.py"),
     output:
         masks=mask_file(VARIANT.dir),
         weights=weights_file(VARIANT.dir),
@@ -58,7 +56,7 @@ rule apply:
     input:
         unpack(layer_files),
         model=base_inputs,
-        code=pkg(*MODEL_CODE, "weights/sparsity", "weights/pattern"),
+        code=script_code("apply.py"),
     output:
         checkpoint=checkpoint_output(directory(VARIANT.file("checkpoint"))),
         sparsity=VARIANT.file("sparsity"),

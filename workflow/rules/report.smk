@@ -7,8 +7,7 @@ rule report:
     input:
         report_inputs(),
         schema=os.path.relpath(Path(workflow.basedir) / "workflow/schemas/summary.schema.yaml"),
-        code=pkg("report/build", "report/rows", "report/tables", "report/plots", "sweep", "variant", "methods",
-                 "distill/__init__", "weights/pattern", "calib/stats", "atomic", "jobs"),
+        code=script_code("report.py"),
     output:
         ppl_json="metrics/ppl.json",
         ppl_csv="metrics/ppl.csv",
@@ -45,6 +44,7 @@ rule readme:
         distill_plot="metrics/distill_loss.png",
         acc_plot="metrics/acc_vs_sparsity.png",
         sparsity_plot="metrics/expert_sparsity.png",
+        code=script_code("update_readme.py"),
     output:
         stamp=touch(f"{ROOT}/readme.{README_BLOCK}.stamp"),
         plot=f"docs/{README_BLOCK}.png",

@@ -15,7 +15,7 @@ from pruning.models.checkpoint import load_config, read_experts, read_router, re
 from pruning.moe import Routing
 from pruning.weights.masks import kept_fraction, mask_metadata, save_masks
 from pruning.weights.pattern import Pattern
-from pruning.weights.prune import layer_sparsegpt
+from pruning.weights.sparsegpt import layer_sparsegpt
 
 w, p = snakemake.wildcards, snakemake.params
 blocksize, percdamp = p.sparsegpt.get("blocksize", 128), p.sparsegpt.get("dampening", 0.01)
