@@ -111,15 +111,24 @@ def check_distill(config: dict) -> None:
 
 
 def check_model(config: dict) -> dict:
-    """Resolve and check model.name_or_path; returns its config.json (or None for builtin)."""
-    from .models.checkpoint import check_moe_config, read_config, resolve_dir
+    """Resolve and check model.name_or_path: an MoE config.json of a supported family and intact safetensors
+    weights (headers, shard sizes, index; no tensor is read). Returns its config.json (or None for builtin)."""
+    from .models.checkpoint import check_moe_config, check_weights, read_config, resolve_dir
 
     m = config["model"]
     if m["name_or_path"] == "builtin":
         return None
     try:
-        cfg = read_config(resolve_dir(m["name_or_path"]))
+        model_dir = resolve_dir(m["name_or_path"])
+        try:
+            cfg = read_config(model_dir)
+        except ValueError:  # JSONDecodeError
+            raise ParamsError(f"model.name_or_path: {model_dir}/config.json is not valid JSON; "
+                              f"allowed: a Hugging Face checkpoint directory") from None
         check_moe_config(cfg)
+        check_weights(model_dir)
+    except ParamsError:
+        raise
     except ValueError as exc:
         raise ParamsError(str(exc)) from None
     return cfg
@@ -177,3 +186,84 @@ def check_experts(config: dict, model_config: dict | None) -> None:
         raise ParamsError("prune.shared_experts: true, but the model has no shared experts; allowed: false")
     if config.get("skipping", {}).get("bases") and top_k < 2:
         raise ParamsError(f"skipping.bases: dynamic skipping needs top_k >= 2; this model has top_k={top_k}")
+
+
+def data_sources(config: dict) -> list[tuple[str, str, str, int, str, int]]:
+    """Every text source params.yaml names that a job will read: (key, source, split, seqlen, seqlen key, tokens
+    one sample needs). Calibration draws a window and the token after it; evaluation cuts whole windows."""
+    calib, ev = config["calib"], config["eval"]
+    out = [("calib.source", calib["source"], "train", calib["seqlen"], "calib.seqlen", calib["seqlen"] + 1),
+           ("eval.dataset", ev["dataset"], "test", ev["seqlen"], "eval.seqlen", ev["seqlen"])]
+    task = (config.get("experts") or {}).get("task") or {}
+    if task.get("source"):
+        out.append(("experts.task.source", task["source"], "train", calib["seqlen"], "calib.seqlen", calib["seqlen"] + 1))
+        out.append(("experts.task.eval" if task.get("eval") else "experts.task.source", task.get("eval") or task["source"],
+                    "test", ev["seqlen"], "eval.seqlen", ev["seqlen"]))
+    d = config.get("distill") or {}
+    if d.get("methods"):
+        out.append(("distill.source", d.get("source", "builtin"), "train", d.get("seqlen", 2048), "distill.seqlen",
+                    d.get("seqlen", 2048) + 1))
+    return out
+
+
+def check_data(config: dict) -> None:
+    """Calibration, evaluation, task and distillation text: an allowed name, a standard-library package with files
+    in the split read, or a local UTF-8 text / JSONL file longer than one sample (``data.source_check``).
+    Call after the schema's defaults are filled."""
+    from .data.source_check import SourceError, check_source
+
+    for key, source, split, seqlen, seqlen_key, need in data_sources(config):
+        try:
+            check_source(key, source, split, seqlen, seqlen_key, windows_need=need, corpus=config.get("corpus") or {})
+        except SourceError as exc:
+            raise ParamsError(str(exc)) from None
+
+
+def check_lm_eval(config: dict) -> None:
+    """lm_eval.tasks names tasks that exist: the local tasks, the papers' nine, or any task, group or tag of the
+    installed lm-eval (its task index is built only when the list names another task: several seconds)."""
+    from .eval.lm_harness import LOCAL_TASKS, PAPER_TASKS
+
+    tasks = (config.get("lm_eval") or {}).get("tasks", "auto")
+    if tasks == "auto":
+        return
+    others = [(i, t) for i, t in enumerate(tasks) if t not in LOCAL_TASKS and t not in PAPER_TASKS]
+    if not others:
+        return
+    import difflib
+    import logging
+    from importlib import metadata
+
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # lm-eval logs while it indexes; one line is all that may reach the user
+    try:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+    finally:
+        logging.disable(level)
+    for i, t in others:
+        if t not in known:
+            near = difflib.get_close_matches(t, sorted(known | set(LOCAL_TASKS)), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ParamsError(f"lm_eval.tasks[{i}]: {t!r} is not an lm-eval task{hint}; allowed: "
+                              f"{', '.join(LOCAL_TASKS)} (local), or a task, group or tag of lm-eval "
+                              f"{metadata.version('lm-eval')} (lm-eval --tasks list)")
+
+
+def check_params(config: dict, schema_path, fill_defaults) -> dict | None:
+    """Every check the workflow makes when it loads, in order, each problem one ``ParamsError`` line: the schema,
+    the values against each other, the model directory, then (with the schema's defaults filled in by
+    ``fill_defaults(config)``: Snakemake's validator, which the library does not import) the expert counts
+    against the model, the data sources and the lm-eval task names. Returns the external model's config.json
+    (None for builtin)."""
+    check_schema(config, schema_path)
+    check_semantics(config)
+    model_config = check_model(config)
+    if isinstance(config.get("experts"), dict) and config["experts"].get("task", {}) is None:
+        config["experts"]["task"] = {}  # `-S experts.task=null`: Snakemake's default-filling validator cannot enter null
+    fill_defaults(config)
+    check_experts(config, model_config)
+    check_data(config)  # calibration, evaluation, task and distillation text
+    check_lm_eval(config)  # lm-eval task names
+    return model_config

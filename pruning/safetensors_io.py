@@ -77,6 +77,52 @@ def read_header(path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     return meta, tensors
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def check_file(path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """``read_header`` for a file not yet trusted: every problem a header can show, as one ``ValueError`` line
+    naming the file (a header length past the end, a header that is not the JSON safetensors writes, a tensor
+    whose dtype, shape and offsets disagree, tensor data past the end of the file: a truncated shard). Reads
+    the header alone."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(8)
+        if len(first) < 8:
+            raise ValueError(f"{path}: {size} bytes, shorter than a safetensors header (corrupt or truncated)")
+        (n,) = struct.unpack("<Q", first)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: header length {n} exceeds the file's {size} bytes (not safetensors, or truncated)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{path}: the header is not valid JSON (corrupt safetensors header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object (corrupt safetensors header)")
+    meta = header.get("__metadata__", {})
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{path}: __metadata__ is not a mapping of strings (corrupt safetensors header)")
+    end = 0
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and v.get("dtype") in DTYPES and isinstance(v.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in v["shape"]) and isinstance(v.get("data_offsets"), list)
+              and len(v["data_offsets"]) == 2 and all(isinstance(o, int) for o in v["data_offsets"]))
+        if not ok:
+            raise ValueError(f"{path}: tensor {key} has no valid dtype, shape and data_offsets (corrupt safetensors header)")
+        a, b = v["data_offsets"]
+        if not 0 <= a <= b or b - a != _numel(v["shape"]) * DTYPES[v["dtype"]].itemsize:
+            raise ValueError(f"{path}: tensor {key}'s data_offsets {[a, b]} do not fit its dtype {v['dtype']} and shape "
+                             f"{v['shape']} (corrupt safetensors header)")
+        end = max(end, b)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated: the header's tensors end at byte {8 + n + end}, the file has {size} bytes")
+    return read_header(path)
+
+
 def read_metadata(path) -> dict[str, str]:
     """A safetensors file's ``__metadata__`` (a mask file's layer, method, ...), no tensor read."""
     return read_header(path)[0]

@@ -76,3 +76,36 @@ def channel_outlier_ratio(sum_x2: torch.Tensor) -> float:
     """
     norms = sum_x2.double().sum(0).sqrt()
     return float(norms.max() / norms.median())
+
+
+STAT_KEYS = ("count", "gate_up.sum_x2", "gate_up.sum_gx2", "down.sum_x2", "down.sum_gx2")
+
+
+class StatsFileError(ValueError):
+    """A statistics file that does not fit the job using it: one line naming the file."""
+
+
+def load_layer_stats(path, layer: int, experts) -> dict[str, torch.Tensor]:
+    """One layer's statistics file (``LayerStats.finalize``, as the calibration jobs write it), checked from its
+    header first against the job's layer and its experts (``pruning.moe.Experts``): a file that is no statistics
+    file, or holds another layer's or another model's statistics, fails with one line naming it."""
+    from safetensors.torch import load_file
+
+    from ..safetensors_io import check_file
+
+    try:
+        meta, tensors = check_file(path)
+    except (OSError, ValueError) as exc:
+        raise StatsFileError(f"not a statistics file: {exc}") from None
+    missing = [k for k in STAT_KEYS if k not in tensors]
+    if missing:
+        raise StatsFileError(f"{path}: not a layer's calibration statistics (no {missing[0]!r})")
+    if meta.get("layer") is not None and str(meta["layer"]) != str(layer):
+        raise StatsFileError(f"{path}: statistics of layer {meta['layer']}, this job's layer is {layer}")
+    e, h, i = experts.num_experts, experts.gate_up.shape[-1], experts.intermediate_size
+    want = {"count": (e,), "gate_up.sum_x2": (e, h), "gate_up.sum_gx2": (e, h), "down.sum_x2": (e, i), "down.sum_gx2": (e, i)}
+    for k, w in want.items():
+        if tuple(tensors[k].shape) != w:
+            raise StatsFileError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, layer {layer} of this model needs {w} "
+                                 f"({e} experts, hidden size {h}, intermediate size {i}): statistics of another model")
+    return load_file(str(path))

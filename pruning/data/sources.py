@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .corpus import read_docs
+from .source_check import ALLOWED, HUB_SOURCES, domain_of  # noqa: F401 (domain_of: part of this module's API)
 
 
 def tokenize_docs(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -61,11 +62,6 @@ def _hub_text(name: str, split: str) -> list[str]:
     raise ValueError(name)
 
 
-def domain_of(source: str) -> str | None:
-    """The standard-library package of a ``builtin:<package>`` source, else None."""
-    return source.split(":", 1)[1] if source.startswith("builtin:") else None
-
-
 def _domain_docs(pkg: str, source: str, split: str, corpus_dir) -> list[str]:
     out = []
     with open(Path(corpus_dir) / f"{split}.jsonl", encoding="utf-8") as f:
@@ -91,8 +87,30 @@ def docs(source: str, split: str, corpus_dir=None) -> list[str]:
         return _hub_text(source, hub_split)
     p = Path(source)
     if p.is_file():
-        return read_docs(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8")]
-    raise ValueError(f"unknown data source {source!r}: builtin, builtin:<package>, c4, wikitext2 or a local .txt/.jsonl file")
+        try:
+            out = read_docs(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{source}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{source}: not JSONL with a \"text\" string on every line") from None
+        if not any(d.strip() for d in out):
+            raise ValueError(f"{source}: holds no text")
+        return out
+    raise ValueError(f"unknown data source {source!r}: {ALLOWED}")
+
+
+def _too_short(source: str, split: str, n: int, seqlen: int, need: int) -> ValueError:
+    what = f"{split} split of {source}" if domain_of(source) is not None or source in HUB_SOURCES + ("builtin",) else source
+    return ValueError(f"{what}: {n} tokens, fewer than one sample needs ({need} tokens for seqlen={seqlen})")
+
+
+def eval_windows(tokenizer, source: str, split: str, seqlen: int, max_windows: int | None = None, corpus_dir=None) -> torch.Tensor:
+    """``windows`` of a data source's ``split``, failing with one line naming the source when its text is shorter
+    than one window."""
+    stream = tokenize_docs(tokenizer, docs(source, split, corpus_dir))
+    if stream.numel() < seqlen:
+        raise _too_short(source, split, stream.numel(), seqlen, seqlen)
+    return windows(stream, seqlen, max_windows)
 
 
 def calibration_tokens(tokenizer, source, nsamples, seqlen, seed, corpus_dir=None) -> torch.Tensor:
@@ -100,7 +118,10 @@ def calibration_tokens(tokenizer, source, nsamples, seqlen, seed, corpus_dir=Non
     then a random window inside it; other sources draw windows from the joined training stream."""
     train = docs(source, "train", corpus_dir)
     if source != "c4":
-        return random_windows(tokenize_docs(tokenizer, train), nsamples, seqlen, seed)
+        stream = tokenize_docs(tokenizer, train)
+        if stream.numel() <= seqlen:  # a window and the token after it
+            raise _too_short(source, "train", stream.numel(), seqlen, seqlen + 1)
+        return random_windows(stream, nsamples, seqlen, seed)
     rng = random.Random(seed)
     out = []
     while len(out) < nsamples:

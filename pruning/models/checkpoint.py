@@ -56,6 +56,44 @@ def check_moe_config(config: dict) -> None:
         raise UnsupportedModelError(problems[0])
 
 
+def check_weights(model_dir) -> None:
+    """The checkpoint's safetensors weights, from their headers alone (no tensor is read): an index that parses
+    and whose every shard is there and holds the keys it lists there, or one ``model.safetensors``; every shard's
+    header intact and its tensor data inside the file. One ``ModelPathError`` line naming the file."""
+    from ..safetensors_io import check_file
+
+    model_dir = Path(model_dir)
+    allowed = "allowed: a complete safetensors checkpoint (model.safetensors, or an index and every shard it names)"
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            assert isinstance(wmap, dict) and wmap and all(isinstance(v, str) for v in wmap.values())
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ModelPathError(f"model.name_or_path: {index} is not a safetensors index with a weight_map; {allowed}") from None
+        shards: dict[str, list[str]] = {}
+        for k, f in wmap.items():
+            shards.setdefault(f, []).append(k)
+    elif (model_dir / "model.safetensors").is_file():
+        shards = {"model.safetensors": []}
+    else:
+        bins = sorted(f.name for f in model_dir.glob("*.bin"))
+        what = f"only PyTorch weights ({bins[0]})" if bins else "no weights"
+        raise ModelPathError(f"model.name_or_path: {model_dir} has {what}; {allowed}")
+    for fname, keys in sorted(shards.items()):
+        path = model_dir / fname
+        if not path.is_file():
+            raise ModelPathError(f"model.name_or_path: {index.name} names {fname}, which is missing from {model_dir}; {allowed}")
+        try:
+            _, tensors = check_file(path)
+        except (OSError, ValueError) as exc:
+            raise ModelPathError(f"model.name_or_path: {exc}; {allowed}") from None
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ModelPathError(f"model.name_or_path: {index.name} lists {missing[0]} in {path}, which lacks it "
+                                 f"({len(missing)} such keys); {allowed}")
+
+
 def load_config(model_dir):
     """config.json as attributes, without importing transformers (per-layer jobs stay light)."""
     from types import SimpleNamespace
@@ -95,16 +133,13 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise ModelPathError(f"model.name_or_path: no safetensors weights in {model_dir}")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
+    with _open_shard(single) as f:
         return {k: "model.safetensors" for k in f.keys()}
 
 
 def read_tensors(model_dir, keys, wmap: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Read only ``keys`` from the checkpoint's shards (never the whole model); ``wmap``: its weight map, if known."""
-    from safetensors import safe_open
-
+    """Read only ``keys`` from the checkpoint's shards (never the whole model); ``wmap``: its weight map, if known.
+    A shard that cannot be read, or a floating tensor holding NaN or Inf, fails with one line naming the shard."""
     model_dir = Path(model_dir)
     wmap = _weight_map(model_dir) if wmap is None else wmap
     by_file: dict[str, list[str]] = {}
@@ -112,10 +147,40 @@ def read_tensors(model_dir, keys, wmap: dict[str, str] | None = None) -> dict[st
         by_file.setdefault(wmap[k], []).append(k)
     out = {}
     for fname, ks in sorted(by_file.items()):
-        with safe_open(str(model_dir / fname), framework="pt") as f:
+        with _open_shard(model_dir / fname) as f:
             for k in ks:
-                out[k] = f.get_tensor(k)
+                out[k] = _read_checked(f, model_dir / fname, k)
     return out
+
+
+def _open_shard(path):
+    """``safe_open`` on a shard; a file that cannot be opened raises one line naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # SafetensorsError, OSError: a shard truncated or overwritten since the workflow loaded
+        raise ModelPathError(f"{path}: cannot read the shard ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                             f"the checkpoint is corrupt or truncated") from None
+
+
+FINITE_CHECK_ELEMENTS = 1 << 24  # elements per piece of the finite check (a small temporary)
+
+
+def _read_checked(f, path, key) -> torch.Tensor:
+    """One tensor of an open shard, failing with one line naming the shard when it cannot be read or its floating
+    point values hold NaN or Inf (corrupt tensor data behind an intact header)."""
+    try:
+        t = f.get_tensor(key)
+    except Exception as exc:
+        raise ModelPathError(f"{path}: cannot read tensor {key} ({type(exc).__name__}); the checkpoint is corrupt "
+                             f"or truncated") from None
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        flat = t.reshape(-1)
+        for a in range(0, flat.numel(), FINITE_CHECK_ELEMENTS):
+            if not bool(torch.isfinite(flat[a:a + FINITE_CHECK_ELEMENTS]).all()):
+                raise ModelPathError(f"{path}: tensor {key} holds NaN or Inf values; the checkpoint is corrupt")
+    return t
 
 
 class ShardReader(Mapping):
@@ -126,12 +191,10 @@ class ShardReader(Mapping):
         self.model_dir, self.wmap, self._keys = Path(model_dir), _weight_map(Path(model_dir)), list(keys)
 
     def __getitem__(self, key):
-        from safetensors import safe_open
-
         if key not in self._keys:
             raise KeyError(key)
-        with safe_open(str(self.model_dir / self.wmap[key]), framework="pt") as f:
-            return f.get_tensor(key)
+        with _open_shard(self.model_dir / self.wmap[key]) as f:
+            return _read_checked(f, self.model_dir / self.wmap[key], key)
 
     def __iter__(self):
         return iter(self._keys)

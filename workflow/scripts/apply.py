@@ -9,6 +9,7 @@ from pruning import jobs
 from pruning.atomic import write_json
 from pruning.models.rewrite import rewrite_checkpoint
 from pruning.safetensors_io import read_metadata
+from pruning.weights.masks import check_mask_file
 from pruning.weights.pattern import Pattern
 
 log = jobs.start(snakemake.log[0])
@@ -17,7 +18,7 @@ pattern = Pattern.parse(w.sp)
 masks, weights, mask_meta = {}, {}, {}
 weight_files = inp.get("weights", [])  # SparseGPT methods: updated surviving weights, one per mask file
 for li, path in enumerate(inp.masks):
-    meta = read_metadata(path)
+    meta = check_mask_file(path)  # an intact mask file, or one line naming it
     layer = int(meta["layer"])
     masks[layer] = path
     mask_meta[layer] = {"fallback_experts": json.loads(meta["fallback_experts"]), "stats_sha256": meta["stats_sha256"]}

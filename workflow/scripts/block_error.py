@@ -7,7 +7,7 @@ from pruning.atomic import write_json
 from pruning.eval.block_error import relative_block_error
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_config, read_experts, read_router
-from pruning.weights.masks import load_masks
+from pruning.weights.masks import check_layer_masks, load_masks
 
 p, inp = snakemake.params, snakemake.input
 log = jobs.start(snakemake.log[0], p.seed, snakemake.threads)
@@ -18,6 +18,7 @@ for li, (mask_path, inputs_path) in enumerate(zip(inp.masks, inp.inputs)):
     masks, meta = load_masks(mask_path)
     layer = int(meta["layer"])
     dense = read_experts(p.model_dir, adapter, layer)
+    check_layer_masks(mask_path, masks, meta, dense, inputs_path)  # shapes, and calibration data unchanged
     new = load_file(weights[li]) if weights else {"gate_up": dense.gate_up, "down": dense.down}
 
     def pruned(e, dense=dense, new=new, masks=masks):  # one pruned expert at a time, never a pruned copy of the layer

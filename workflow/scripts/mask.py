@@ -1,7 +1,7 @@
 """One layer's masks by a score method: reads only that layer's expert weights from the checkpoint shards."""
-from safetensors.torch import load_file
 
 from pruning import jobs
+from pruning.calib.stats import load_layer_stats
 from pruning.gpu_pool import claim_device, log_device
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_config, read_experts, read_shared_experts
@@ -16,7 +16,7 @@ with claim_device() as device:
     log_device(log, device)
     adapter = get_adapter(load_config(p.model_dir))
     experts = read_experts(p.model_dir, adapter, layer).to(device)
-    stats = load_file(snakemake.input.stats)
+    stats = load_layer_stats(snakemake.input.stats, layer, experts)  # one line naming a mismatched file
     masks, info = layer_masks(w.method, pattern, experts, stats)
     if p.shared:  # the shared experts: one always-routed expert, statistics weighted by its combine weight
         shared = read_shared_experts(p.model_dir, adapter, layer)[0].to(device)
