@@ -6,7 +6,6 @@ like a hub checkpoint.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -75,7 +74,6 @@ def train(config, stream: torch.Tensor, cfg: dict, log=print):
     g = torch.Generator().manual_seed(cfg["seed"])
     seqlen, bs = cfg["seqlen"], cfg["batch_size"]
     history = []
-    t0 = time.time()
     from tqdm import tqdm
 
     bar = tqdm(range(steps), desc="train tiny MoE", unit="step", mininterval=5)
@@ -90,7 +88,7 @@ def train(config, stream: torch.Tensor, cfg: dict, log=print):
         sched.step()
         if step % 20 == 0 or step == steps - 1:
             lm = (out.loss - config.router_aux_loss_coef * out.aux_loss).item()
-            history.append({"step": step, "lm_loss": lm, "aux_loss": out.aux_loss.item(), "seconds": time.time() - t0})
+            history.append({"step": step, "lm_loss": lm, "aux_loss": out.aux_loss.item()})  # no wall times: same bytes every run
             bar.set_postfix(lm_loss=f"{lm:.3f}", aux=f"{out.aux_loss.item():.3f}")
     model.eval()
     return model, history

@@ -93,8 +93,8 @@ def header(results: Results, config: dict, base_report: dict | None) -> str:
     if base_report:
         b = base_report
         text += (
-            f"\n\nEmbedded tiny MoE ({b['parameters']:,} parameters, trained on {b['train_tokens']:,} tokens in "
-            f"{b['train_seconds'] / 60:.1f} min): validation token perplexity **{b['validation_ppl']:.2f}** vs "
+            f"\n\nEmbedded tiny MoE ({b['parameters']:,} parameters, trained on {b['train_tokens']:,} tokens, "
+            f"{b['train_steps']:,} steps): validation token perplexity **{b['validation_ppl']:.2f}** vs "
             f"**{b['unigram_ppl']:.2f}** for a unigram model of the training split."
         )
     return text

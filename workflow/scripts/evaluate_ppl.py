@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from pruning import jobs
 from pruning.atomic import write_json
-from pruning.data.sources import docs, tokenize_docs, windows
+from pruning.data.sources import eval_windows
 from pruning.eval.perplexity import perplexity
 from pruning.eval.usage import count_expert_calls
 from pruning.experts.removal import original_index
@@ -23,7 +23,7 @@ with claim_devices(m["gpus"]) as devices:  # whole-model job: model.gpus devices
     device = devices[0]
     log_device(log, devices)
     tok = AutoTokenizer.from_pretrained(ckpt)
-    win = windows(tokenize_docs(tok, docs(e["dataset"], "test", p.corpus_dir)), e["seqlen"], e["max_windows"])
+    win = eval_windows(tok, e["dataset"], "test", e["seqlen"], e["max_windows"], p.corpus_dir)
     skipping.register()  # a checkpoint whose config.betas is set skips, resident or streamed
     source = open_source(ckpt, m["dtype"], device, m["offload"], m["trust_remote_code"])
     model, adapter = source.model, source.adapter
@@ -31,7 +31,7 @@ with claim_devices(m["gpus"]) as devices:  # whole-model job: model.gpus devices
     t0 = time.time()
     with count_expert_calls(adapter, model) as usage:
         ppl = perplexity(source, win, e["batch_size"], device, progress=True)
-    seconds = time.time() - t0
+    log.info("perplexity %.4f in %.1f s", ppl, time.time() - t0)  # wall time: log and benchmark file only
     result = {
         "token_ppl": ppl,
         "metric": "token perplexity, non-overlapping windows",
@@ -40,7 +40,6 @@ with claim_devices(m["gpus"]) as devices:  # whole-model job: model.gpus devices
         "seqlen": e["seqlen"],
         "windows": int(win.shape[0]),
         "tokens_predicted": int(win.shape[0] * (win.shape[1] - 1)),
-        "seconds": seconds,
         "num_experts": adapter.num_experts,
         "top_k": adapter.top_k,
         "parameters": parameter_count(model),
