@@ -94,6 +94,17 @@ def test_accuracy_figure_draws_methods_from_the_dense_point():
     plots.plt.close(fig)
 
 
+def test_accuracy_figure_without_lm_eval_says_so():
+    """lm_eval.tasks: [] (documented as off): no accuracies anywhere; the figure is drawn, empty, with a note
+    (it crashed on the dense model's missing accuracy before)."""
+    m = "tiny"
+    rows = [_row(Variant(m), None), _row(Variant(m, calib="c", prop="dense", method="wanda", sp="0.5"), None, 0.5, 0.5)]
+    fig = plots.accuracy_figure(rows, chance=None)
+    for ax in fig.axes:
+        assert not ax.get_lines() and [t.get_text() for t in ax.texts] == ["no lm-eval accuracy (lm_eval.tasks: [])"]
+    plots.plt.close(fig)
+
+
 def test_expert_sparsity_figure_maps_kept_experts_to_their_original_index():
     layers = {"0": {"experts": [{"gate": 0.5, "up": 0.5, "down": 0.5}, {"gate": 0.25, "up": 0.5, "down": 0.75}]},
               "1": {"experts": [{"gate": 0.0, "up": 0.0, "down": 0.3}, {"gate": 0.5, "up": 0.5, "down": 0.5}]}}

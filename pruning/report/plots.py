@@ -111,9 +111,11 @@ def distill_figure(runs: list[dict]):
 
 def accuracy_figure(rows: list[dict], chance: float | None = None):
     """Mean zero-shot accuracy vs sparsity: weight pruning (x = expert-weight sparsity, one line per method and
-    base; N:M as crosses) and expert pruning (x = fraction of experts removed); dense and chance as lines."""
+    base; N:M as crosses) and expert pruning (x = fraction of experts removed); dense and chance as lines.
+    Without accuracies (lm-eval off: ``lm_eval.tasks: []``) the panels say so."""
     have = [r for r in rows if r["acc_avg"] is not None]
-    dense = rows[0]
+    dense = rows[0]["acc_avg"]
+    start = [(0.0, dense)] if dense is not None else []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     groups: dict[str, list[dict]] = {}
     for r in have:
@@ -122,8 +124,9 @@ def accuracy_figure(rows: list[dict], chance: float | None = None):
             groups.setdefault(v.method_label + (f" + {v.tune_label}" if v.tune else ""), []).append(r)
     for i, (name, sub) in enumerate(groups.items()):
         un = sorted((r for r in sub if r["pattern"] == "unstructured"), key=lambda r: r["sparsity"])
-        pts = [(0.0, dense["acc_avg"])] + [(r["sparsity"], r["acc_avg"]) for r in un]
-        axes[0].plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
+        pts = start + [(r["sparsity"], r["acc_avg"]) for r in un]
+        if pts:
+            axes[0].plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
         for r in sub:
             if r["pattern"] != "unstructured":
                 axes[0].scatter([r["expert_sparsity"]], [r["acc_avg"]], marker="x", color=f"C{i}")
@@ -138,14 +141,18 @@ def accuracy_figure(rows: list[dict], chance: float | None = None):
                                + (" (task)" if r["base"].endswith("-task") else ""), []).append(r)
     for i, (name, sub) in enumerate(egroups.items()):
         sub = sorted(sub, key=lambda r: r["experts_kept"], reverse=True)
-        pts = [(0.0, dense["acc_avg"])] + [(1 - r["experts_kept"] / r["experts_total"], r["acc_avg"]) for r in sub]
+        pts = start + [(1 - r["experts_kept"] / r["experts_total"], r["acc_avg"]) for r in sub]
         axes[1].plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
     for r in have:
         if r["id"] == "full/skip":
             axes[1].scatter([0.0], [r["acc_avg"]], marker="s", color="k", label="dense + skipping")
     axes[1].set_xlabel("fraction of experts removed")
     for ax in axes:
-        ax.axhline(dense["acc_avg"], color="k", ls="--", lw=1, label="dense")
+        if not have:
+            ax.text(0.5, 0.5, "no lm-eval accuracy (lm_eval.tasks: [])", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if dense is not None:
+            ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
         if chance is not None:
             ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
         ax.grid(alpha=0.3)
