@@ -33,6 +33,12 @@ def get_adapter(config) -> MoEAdapter:
         config = SimpleNamespace(**config)
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
+        remote = getattr(config, "auto_map", None)
+        if remote:  # the checkpoint brings its own modelling code: never run here unless params allow it
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} needs the checkpoint's own (remote) code (config.json auto_map: "
+                f"{', '.join(sorted(remote))}), which runs only with model.trust_remote_code: true, and no adapter "
+                f"supports it; supported MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}")
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported MoE families: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
