@@ -353,6 +353,7 @@ def chain(entry, work, code, params, e, rules, pool, rng, ref_tree, outputs, dir
             if r.returncode != 0:
                 return trials, {"identical": False, "error": f"{' '.join(rcmd)} exited {r.returncode}",
                                 "log_tail": (r.stdout + r.stderr)[-2500:]}, time.monotonic() - t0
+        cmd = RECOVERY[entry][-1]
     return trials, compare_final(run, ref_tree), time.monotonic() - t0
 
 

@@ -65,7 +65,8 @@ CUT = {  # the micro-sized sweep of a README preset: the same switches, fewer va
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("presets_base")
+    d = tmp_path_factory.mktemp("presets_base") / "run"  # as deep as each copy: the code inputs' relative paths match
+    d.mkdir()
     (d / "params.yaml").write_text(yaml.safe_dump(MICRO))
     r = subprocess.run(SNAKEMAKE + ["results/micro/base", "data/lm_eval/manifest.json"], cwd=d, capture_output=True,
                        text=True, timeout=900)
