@@ -3,9 +3,14 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+import os
+
 from pruning.params import yaml_without_base60
+from pruning.warm_start import enable as enable_warm_start
 
 yaml_without_base60()  # "2:4" written unquoted by `dvc exp run -S` stays an N:M pattern
+if workflow.local_exec and not workflow.remote_exec:  # not in SLURM jobs; PRUNING_WARM_START=0 turns it off
+    enable_warm_start(os.getpid())  # jobs fork from one warm interpreter instead of importing torch each
 
 
 configfile: "params.yaml"

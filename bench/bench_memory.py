@@ -113,8 +113,9 @@ def run(work: Path, p: dict, cgroup: Path | None = None, cores: int = 2, allow_f
     if cgroup is not None:
         procs = cgroup / "cgroup.procs"
         pre = lambda: procs.write_text(str(os.getpid()))  # noqa: E731  (the child, before exec)
+    env = {**os.environ, "PRUNING_WARM_START": "0"}  # cold jobs: the benchmark files' max_rss is then each job's
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, preexec_fn=pre)
+    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, preexec_fn=pre, env=env)
     wall = time.time() - t0
     (work / "snakemake.out").write_text(r.stdout + r.stderr)
     if r.returncode != 0:

@@ -2,11 +2,13 @@
 threads, record the environment (package versions, device) beside the results."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import platform
 import random
 import sys
+import time
 from importlib import metadata
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "snakemake", "dvc", "lm-eval", "datasets")
@@ -41,9 +43,26 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
         torch.set_num_threads(threads)
 
 
+TIMING = "job timing: start-up %.3f s, compute %.3f s"  # the last line of every job's log (bench/bench_startup.py)
+
+
+def log_timing(log: logging.Logger) -> None:
+    """Log, when the job exits, its start-up (from its process's start to here: interpreter, imports, Snakemake's
+    preamble; under warm start the client's) and its compute time (from here to the exit)."""
+    from .warm_start import T0_ENV, process_start_time
+
+    now = time.time()
+    try:
+        t0 = float(os.environ.get(T0_ENV) or process_start_time())
+    except (OSError, ValueError):
+        return
+    atexit.register(lambda: log.info(TIMING, now - t0, time.time() - now))
+
+
 def start(log_path, seed: int | None = None, threads: int | None = None) -> logging.Logger:
     """The first line of every job: its output to the log file, then (for jobs that compute) seeding."""
     log = to_log(log_path)
+    log_timing(log)
     if seed is not None:
         seed_everything(seed, threads)
     return log

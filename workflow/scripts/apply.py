@@ -3,6 +3,10 @@
 The model is never loaded: the base checkpoint streams tensor by tensor through the masks (and a SparseGPT
 method's updated weights) into new shards in the base's key layout and stored dtype (``models.rewrite``); the
 sparsity report and the N:M check are computed on the way."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import json
 
 from pruning import jobs

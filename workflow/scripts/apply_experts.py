@@ -2,6 +2,10 @@
 
 The model is never loaded: the base checkpoint streams tensor by tensor into new shards in its key layout and
 stored dtype (``experts.removal.reduce_checkpoint``); parameter and byte counts come from the headers."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import json
 
 from pruning import jobs

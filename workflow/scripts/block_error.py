@@ -1,4 +1,8 @@
 """Relative MoE-block output error of one pruned variant, per layer, on the calibration tokens it was pruned on."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import torch
 from safetensors.torch import load_file
 

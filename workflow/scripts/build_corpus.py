@@ -1,4 +1,8 @@
 """The built-in offline corpus: the installed standard library's sources, split by a hash of each path."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 from pruning import jobs
 from pruning.data import corpus
 

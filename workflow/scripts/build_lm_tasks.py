@@ -1,4 +1,8 @@
 """The local lm-eval tasks' JSONL files from the held-out test split (see pruning/data/lm_tasks.py)."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import json
 
 from pruning import jobs

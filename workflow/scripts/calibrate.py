@@ -1,4 +1,8 @@
 """Dense propagation: one streaming pass writes every layer's MoE inputs and statistics."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 from transformers import AutoTokenizer
 
 from pruning import jobs

@@ -1,4 +1,8 @@
 """Sequential propagation, layer i: run the pruned layer i-1 on its inputs, then calibrate layer i."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 from safetensors.torch import load_file
 
 from pruning import jobs

@@ -4,6 +4,10 @@ The job trains over the devices it claims (``model.gpus``): one GPU, in this pro
 (PyTorch FSDP2 through torchrun, ``pruning.distill.distributed``), each reading only its shards of both models,
 one decoder layer at a time. Without a GPU it runs on the CPU, in this process unless ``$PRUNING_DISTILL_WORLD_SIZE`` asks for more
 (gloo)."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import csv
 import functools
 import io

@@ -1,4 +1,8 @@
 """lm-evaluation-harness on one model in memory (dense, pruned, expert-pruned, skipping or distilled)."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import os
 import tempfile
 

@@ -1,5 +1,9 @@
 """Token perplexity on a held-out split with fixed-length non-overlapping windows, plus the expert calls each
 layer makes per token (and the skip rate of a skipping model)."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import time
 
 from transformers import AutoTokenizer

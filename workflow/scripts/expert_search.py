@@ -1,4 +1,8 @@
 """Expert search for one layer and kept count: NAEE's loss of every dropped set, and the baselines' choices."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 from safetensors.torch import load_file
 
 from pruning import jobs

@@ -1,5 +1,9 @@
 """NAEE progressive mode, layer i: inputs through the already expert-pruned layers < i, targets from the
 unpruned model; then run the pruned layer i to hand its output to layer i + 1."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import torch
 from safetensors.torch import load_file
 

@@ -1,4 +1,7 @@
 """One layer's masks by a score method: reads only that layer's expert weights from the checkpoint shards."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
 
 from pruning import jobs
 from pruning.calib.stats import load_layer_stats

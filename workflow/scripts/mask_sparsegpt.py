@@ -1,6 +1,10 @@
 """One layer's SparseGPT masks and updated expert weights, from the layer's cached MoE-block inputs.
 
 Reads only that layer's expert and router weights from the checkpoint shards."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import json
 
 from safetensors.torch import load_file

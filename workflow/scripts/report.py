@@ -1,4 +1,8 @@
 """Every table, plot and metrics file of the run (pruning.report.build), from the pipeline's own outputs."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 from pruning import jobs
 from pruning.report.build import build
 

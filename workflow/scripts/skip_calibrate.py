@@ -1,4 +1,8 @@
 """Dynamic skipping: beta per layer from this model's calibration statistics, stored in config.betas."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import json
 import shutil
 from pathlib import Path

@@ -1,4 +1,8 @@
 """The embedded default model: a BPE tokenizer and a tiny MoE trained on the corpus's train split."""
+from pruning.warm_start import handoff
+
+handoff()  # in a local run: continue in a process forked from the warm interpreter
+
 import time
 
 from pruning import jobs
