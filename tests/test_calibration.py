@@ -1,4 +1,5 @@
 """Calibration statistics and MoE-Pruner/Wanda scores against a naive per-token loop on a real tiny Mixtral."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -140,3 +141,38 @@ def test_channel_outlier_ratio_hand_example():
 
     sum_x2 = torch.tensor([[1.0, 4.0, 100.0], [0.0, 0.0, 0.0]])  # norms 1, 2, 10 -> max 10 / median 2
     assert channel_outlier_ratio(sum_x2) == 5.0
+
+
+@pytest.mark.parametrize("H, I", [(64, 96), (40, 72)])  # one column sum per call; widths off the vector width
+def test_layer_stats_bitwise_equal_to_the_per_statistic_form(H, I):
+    """LayerStats fills its four column statistics through one scratch buffer and one column sum per expert call:
+    every value must be bitwise what the per-statistic form computes (a temporary and a reduction per statistic),
+    over calls of many sizes (a fresh buffer, a reused one, a grown one), an empty call, and bfloat16 inputs."""
+    from pruning.calib.stats import LayerStats
+
+    g = torch.Generator().manual_seed(5)
+    E = 3
+    st = LayerStats(E, H, I)
+    ref = {k: torch.zeros(E, d) for k, d in (("gate_up.sum_x2", H), ("gate_up.sum_gx2", H), ("down.sum_x2", I),
+                                             ("down.sum_gx2", I))}
+    ref_w, ref_n = torch.zeros(E), [0] * E
+    for e, n, dtype in [(0, 700, torch.float32), (1, 5, torch.float32), (2, 0, torch.float32), (0, 3000, torch.float32),
+                        (2, 33, torch.bfloat16), (1, 1, torch.float32), (1, 129, torch.float32)]:
+        x = (torch.randn(n, H, generator=g) * 3).to(dtype)
+        h = torch.randn(n, I, generator=g).to(dtype)
+        w = torch.rand(n, generator=g).to(dtype)
+        st.add_expert(e, x, w, h if n else None)
+        ref_n[e] += n
+        if n:
+            xf, hf, wf = x.float(), h.float(), w.float()[:, None]
+            ref["gate_up.sum_x2"][e] += (xf * xf).sum(0)
+            ref["gate_up.sum_gx2"][e] += ((wf * xf) ** 2).sum(0)
+            ref["down.sum_x2"][e] += (hf * hf).sum(0)
+            ref["down.sum_gx2"][e] += ((wf * hf) ** 2).sum(0)
+            ref_w[e] += wf.sum()
+    out = st.finalize()
+    for k, v in ref.items():
+        assert torch.equal(out[k], v), k
+        assert out[k].is_contiguous()
+    assert out["count"].tolist() == ref_n and out["count"].dtype == torch.int64
+    assert torch.equal(out["router.mean_weight"], ref_w / torch.tensor(ref_n).clamp(min=1).float())

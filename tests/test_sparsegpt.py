@@ -188,3 +188,87 @@ def test_layer_sparsegpt_in_place_equals_the_copy(tiny_mixtral, method):
     for key in ("gate_up", "down"):
         assert torch.equal(masks_ip[key], masks[key]) and torch.equal(new_ip[key], new[key])
     assert new_ip["gate_up"].data_ptr() == own.gate_up.data_ptr() and not torch.equal(new["gate_up"], gu)
+
+
+@pytest.mark.parametrize("mode", HESSIAN_MODES)
+def test_batched_layer_hessians_equal_per_token_loop(tiny_mixtral, mode):
+    """The batched Hessians (all experts, or a group of them, at once; zero-padded per-expert token blocks) against
+    the naive per-token loop, for several chunk sizes (padding in every chunk, one position per chunk)."""
+    from pruning.weights.hessian import layer_hessians
+
+    model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
+    tokens = torch.randint(0, 64, (3, 16))
+    with torch.no_grad():
+        for layer_idx in (0, 1):
+            inputs = _moe_inputs(model, adapter, layer_idx, tokens)
+            mlp = model.model.layers[layer_idx].mlp
+            routing = Router(mlp.gate.weight, adapter.rule()).route(inputs)
+            ref_in, ref_mid = _naive_hessians(model, layer_idx, inputs, mode)
+            experts = adapter.expert_weights(model.model.layers[layer_idx])
+            for chunk, start, stop in [(8192, 0, 4), (9, 0, 4), (1, 1, 3), (5, 3, 4)]:
+                h_in, h_mid, n = layer_hessians(mode, inputs, routing, experts, torch.float64, chunk, start, stop)
+                assert h_in.shape[0] == h_mid.shape[0] == len(n) == stop - start
+                for j, e in enumerate(range(start, stop)):
+                    torch.testing.assert_close(h_in[j], ref_in[e], rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(h_mid[j], ref_mid[e], rtol=1e-5, atol=1e-6)
+                    assert n[j] == (inputs.shape[0] if mode == "all_tokens" else int((routing.index == e).sum()))
+
+
+@pytest.mark.parametrize("mode", HESSIAN_MODES)
+def test_batched_layer_hessians_with_biases_glu_and_an_idle_expert(mode):
+    """Biases and a clamped GLU make the padding rows' intermediates non-zero (they must not count), an expert
+    without tokens gets zero Hessians: against a per-token loop over each token's routed slots."""
+    from pruning.models.gpt_oss import ClampedSwiGLU
+    from pruning.moe import TopK
+    from pruning.weights.hessian import layer_hessians
+
+    g = torch.Generator().manual_seed(4)
+    E, H, I, T = 5, 12, 20, 90
+    experts = Experts(torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g), None,
+                      torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g), ClampedSwiGLU(1.702, 7.0))
+    x = torch.randn(T, H, generator=g)
+    routing = Router(torch.randn(E, H, generator=g), TopK(2)).route(x, dropped=[2])  # expert 2 gets no token
+    ref_in, ref_mid = torch.zeros(E, H, H, dtype=torch.float64), torch.zeros(E, I, I, dtype=torch.float64)
+    ex64 = experts.to(torch.float64)
+    for t in range(T):
+        xt = x[t].double()
+        chosen = {int(e): float(w) for e, w in zip(routing.index[t], routing.weights[t])}
+        for e in range(E):
+            if mode != "all_tokens" and e not in chosen:
+                continue
+            s = chosen[e] if mode == "gate_weighted" else 1.0
+            h = ex64.intermediate(e, xt[None])[0]
+            ref_in[e] += s**2 * torch.outer(xt, xt)
+            ref_mid[e] += s**2 * torch.outer(h, h)
+    for chunk in (8192, 7):
+        h_in, h_mid, n = layer_hessians(mode, x, routing, experts, torch.float64, chunk)
+        torch.testing.assert_close(h_in, ref_in, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(h_mid, ref_mid, rtol=1e-10, atol=1e-9)
+        if mode != "all_tokens":
+            assert n[2] == 0 and not h_mid[2].any()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsegpt_all_tokens", "sparsegpt_gate_weighted"])
+def test_layer_sparsegpt_batched_hessians_equal_per_expert(tiny_mixtral, method, monkeypatch):
+    """The batched Hessians give the masks and weights of the per-expert path (float64: no near-tie flips),
+    whether all experts fit one group or the memory budget splits them; so does the pipeline's 'auto' choice."""
+    import pruning.weights.sparsegpt as sg
+
+    model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
+    mlp = model.model.layers[0].mlp
+    inputs = _moe_inputs(model, adapter, 0, torch.randint(0, 64, (2, 16)))
+    routing = Router(mlp.gate.weight, adapter.rule()).route(inputs)
+    experts = Experts(mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach(), adapter.activation())
+    pattern = Pattern.parse("0.5")
+    ref_m, ref_w, ref_i = layer_sparsegpt(method, pattern, experts, inputs, routing, dtype=torch.float64, hessians="per_expert")
+    for budget in (sg.HESSIAN_GROUP_BYTES, 3 * (32**2 + 48**2) * 8):  # all 4 experts at once; groups of 3 and 1
+        monkeypatch.setattr(sg, "HESSIAN_GROUP_BYTES", budget)
+        m, w, i = layer_sparsegpt(method, pattern, experts, inputs, routing, dtype=torch.float64, hessians="batched")
+        assert i["tokens_per_expert"] == ref_i["tokens_per_expert"]
+        for key in ("gate_up", "down"):
+            assert torch.equal(m[key], ref_m[key])
+            torch.testing.assert_close(w[key], ref_w[key], rtol=1e-5, atol=1e-6)
+    m, w, _ = layer_sparsegpt(method, pattern, experts, inputs, routing, dtype=torch.float64)  # the pipeline's 'auto'
+    assert all(torch.equal(m[k], ref_m[k]) for k in m)
+    with pytest.raises(ValueError, match="Hessian path"):
+        layer_sparsegpt(method, pattern, experts, inputs, routing, hessians="loop")

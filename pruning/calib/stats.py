@@ -19,44 +19,80 @@ RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 class LayerStats:
+    """Accumulates one layer's statistics, expert call by expert call, in float32.
+
+    The four per-expert column statistics live side by side in one row per expert, [sum x^2 | sum h^2 |
+    sum (g x)^2 | sum (g h)^2], filled through one reused scratch buffer: an expert call costs a few tensor
+    operations (four products into the buffer, one in-place square, one column sum, one add) and no allocation,
+    instead of a temporary and a reduction per statistic. Every product is the per-statistic form's float32
+    operation on the same numbers (``(x * x).sum(0)``, ``((g * x) ** 2).sum(0)``, ...), and the results are bitwise
+    the per-statistic form's (tests/test_calibration.py): a CPU column sum does not depend on its neighbours,
+    except that a tensor's last columns beyond a multiple of the vector width are summed in another order, so
+    when H or I is not a multiple of ``ALIGN`` each statistic is summed on its own (a view: still no copy).
+    """
+
+    ALIGN = 32  # two AVX-512 vectors of float32: column blocks of this width sum alike wherever they lie
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int, device="cpu"):
-        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
-        self.t = {
-            "count": torch.zeros(num_experts, dtype=torch.int64, device=device),
-            "gate_up.sum_x2": z(num_experts, hidden),
-            "gate_up.sum_gx2": z(num_experts, hidden),
-            "down.sum_x2": z(num_experts, intermediate),
-            "down.sum_gx2": z(num_experts, intermediate),
-            "router.top1_count": torch.zeros(num_experts, dtype=torch.int64, device=device),
-            "router.sum_weight": z(num_experts),
-        }
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self._sums = torch.zeros(num_experts, 2 * (hidden + intermediate), dtype=torch.float32, device=device)
+        self._count = [0] * num_experts
+        self._sum_weight = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self._top1 = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self._scratch: torch.Tensor | None = None
         self._ratios: list[torch.Tensor] = []
+
+    def _buffer(self, n: int, device) -> torch.Tensor:
+        """(n, 2(H + I)) float32 scratch rows, reused across calls (grown when a call has more tokens)."""
+        if self._scratch is None or self._scratch.shape[0] < n or self._scratch.device != device:
+            self._scratch = torch.empty(n, self._sums.shape[1], dtype=torch.float32, device=device)
+        return self._scratch[:n]
 
     def add_expert(self, e: int, x: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None) -> None:
         """x (n, H) routed inputs, g (n,) their combine weights, h (n, I) the SwiGLU intermediate."""
         n = x.shape[0]
-        self.t["count"][e] += n
+        self._count[e] += n
         if n == 0:
             return
+        H, I = self.hidden, self.intermediate
         x, h, g = x.float(), h.float(), g.float()[:, None]
-        self.t["gate_up.sum_x2"][e] += (x * x).sum(0)
-        self.t["gate_up.sum_gx2"][e] += ((g * x) ** 2).sum(0)
-        self.t["down.sum_x2"][e] += (h * h).sum(0)
-        self.t["down.sum_gx2"][e] += ((g * h) ** 2).sum(0)
-        self.t["router.sum_weight"][e] += g.sum()
+        buf = self._buffer(n, x.device)
+        torch.mul(x, x, out=buf[:, :H])
+        torch.mul(h, h, out=buf[:, H : H + I])
+        gated = buf[:, H + I :]
+        torch.mul(g, x, out=gated[:, :H])
+        torch.mul(g, h, out=gated[:, H:])
+        gated.mul_(gated)  # (g x)^2, (g h)^2 (``t ** 2`` is t * t)
+        if H % self.ALIGN == 0 and I % self.ALIGN == 0:
+            self._sums[e] += buf.sum(0)
+        else:
+            for a, b in ((0, H), (H, H + I), (H + I, 2 * H + I), (2 * H + I, 2 * (H + I))):
+                self._sums[e, a:b] += buf[:, a:b].sum(0)
+        self._sum_weight[e] += g.sum()
 
     def add_routing(self, routing: Routing) -> None:
         """One experts-module call's routing (index, weights: (T, k))."""
         w = routing.weights.float()
         first = w.argmax(dim=-1)
         top1 = routing.index.gather(1, first[:, None])[:, 0]
-        self.t["router.top1_count"] += torch.bincount(top1, minlength=self.t["count"].numel())[: self.t["count"].numel()]
+        self._top1 += torch.bincount(top1, minlength=self.num_experts)[: self.num_experts]
         if w.shape[1] >= 2:
             top2 = torch.topk(w, 2, dim=-1).values
             self._ratios.append((top2[:, 1] / top2[:, 0]).cpu())
 
     def finalize(self) -> dict[str, torch.Tensor]:
-        out = {k: v.cpu() for k, v in self.t.items()}
+        H, I = self.hidden, self.intermediate
+        sums = self._sums.cpu()
+        out = {
+            "count": torch.tensor(self._count, dtype=torch.int64),
+            "gate_up.sum_x2": sums[:, :H].contiguous(),
+            "gate_up.sum_gx2": sums[:, H + I : 2 * H + I].contiguous(),
+            "down.sum_x2": sums[:, H : H + I].contiguous(),
+            "down.sum_gx2": sums[:, 2 * H + I :].contiguous(),
+            "router.top1_count": self._top1.cpu(),
+            "router.sum_weight": self._sum_weight.cpu(),
+        }
+        self._scratch = None
         count = out["count"].clamp(min=1).float()
         out["router.mean_weight"] = out.pop("router.sum_weight") / count
         out["router.selection_count"] = out["count"].clone()

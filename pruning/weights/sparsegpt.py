@@ -39,11 +39,15 @@ import torch
 
 from ..methods import SPARSEGPT_METHODS, WEIGHT_METHODS
 from ..moe import Experts, Routing
-from .hessian import expert_hessians
+from .hessian import expert_hessians, layer_hessians
 from .masks import full_masks, select_mask
 from .pattern import Pattern
 
 log = logging.getLogger(__name__)
+
+HESSIAN_PATHS = ("auto", "batched", "per_expert")
+# the batched Hessians of a group of experts are held at once: at most this many bytes of them (at least one expert)
+HESSIAN_GROUP_BYTES = 1 << 30
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float, max_tries: int = 8):
@@ -118,36 +122,57 @@ def sparsegpt(
 def layer_sparsegpt(
     method: str, pattern: Pattern, experts: Experts, inputs: torch.Tensor, routing: Routing,
     blocksize: int = 128, percdamp: float = 0.01, dtype=torch.float32, inplace: bool = False,
+    hessians: str = "auto",
 ):
     """SparseGPT methods on one layer's experts from its cached MoE-block inputs (T, H) and their routing.
 
     Returns (masks, updated weights {'gate_up', 'down'} in the input dtype, info). With ``inplace`` the updated
     weights are ``experts``' own tensors, overwritten (a caller that read them for this alone saves a copy of the
     layer); each expert's Hessians are built before its weights change, so the result is the same.
+    ``hessians``: 'batched' builds the Hessians of as many experts at once as fit ``HESSIAN_GROUP_BYTES``
+    (``hessian.layer_hessians``: batched products over the experts), 'per_expert' one expert at a time
+    (``hessian.expert_hessians``); the two differ by float rounding only. 'auto' (the pipeline's) is whichever
+    bench/bench_methods.py measured faster: batched for all_tokens (the gate_up Hessian is then the same for every
+    expert and computed once), per-expert for routed and gate_weighted (their zero-padded per-expert blocks cost
+    more than the loop saves: 2.3x the per-expert Hessian time on the tiny model, 8 experts, CPU).
     """
     if method not in SPARSEGPT_METHODS:
         raise ValueError(f"unknown SparseGPT method {method!r}; allowed: {', '.join(SPARSEGPT_METHODS)}")
+    if hessians not in HESSIAN_PATHS:
+        raise ValueError(f"unknown Hessian path {hessians!r}; allowed: {', '.join(HESSIAN_PATHS)}")
     mode = WEIGHT_METHODS[method].hessian
-    inter = experts.intermediate_size
+    if hessians == "auto":
+        hessians = "batched" if mode == "all_tokens" else "per_expert"
+    inter, hidden, num = experts.intermediate_size, experts.gate_up.shape[-1], experts.num_experts
     masks = full_masks(experts)
     new = {k: w if inplace else w.clone(memory_format=torch.contiguous_format)
            for k, w in (("gate_up", experts.gate_up), ("down", experts.down))}
+    group = 1
+    if hessians == "batched":
+        group = max(1, min(num, HESSIAN_GROUP_BYTES // ((hidden**2 + inter**2) * torch.finfo(dtype).bits // 8)))
     fallback, tokens, damp, dead, loss = [], [], 0.0, 0, 0.0
-    for e in range(experts.num_experts):
-        h_in, h_mid, n = expert_hessians(mode, inputs, routing, e, experts, dtype=dtype)
-        tokens.append(n)
-        if n == 0:
-            fallback.append(e)
-            for key in ("gate_up", "down"):
-                masks[key][e] = select_mask(new[key][e].abs(), pattern)
-                new[key][e] *= masks[key][e]
-            continue
-        parts = (("gate_up", slice(0, inter), h_in), ("gate_up", slice(inter, 2 * inter), h_in),
-                 ("down", slice(None), h_mid))
-        for key, rows, hess in parts:
-            w, keep, info = sparsegpt(new[key][e][rows], hess, pattern, blocksize, percdamp, dtype)
-            new[key][e][rows], masks[key][e][rows] = w, keep
-            damp, dead, loss = max(damp, info["damp"]), dead + info["dead_columns"], loss + info["obs_loss"]
+    for start in range(0, num, group):
+        stop = min(start + group, num)
+        if hessians == "batched":
+            h_ins, h_mids, counts = layer_hessians(mode, inputs, routing, experts, dtype, start=start, stop=stop)
+        else:
+            h_ins, h_mids, counts = zip(*(expert_hessians(mode, inputs, routing, e, experts, dtype=dtype)
+                                          for e in range(start, stop)))
+        for e, h_in, h_mid, n in zip(range(start, stop), h_ins, h_mids, counts):
+            tokens.append(n)
+            if n == 0:
+                fallback.append(e)
+                for key in ("gate_up", "down"):
+                    masks[key][e] = select_mask(new[key][e].abs(), pattern)
+                    new[key][e] *= masks[key][e]
+                continue
+            parts = (("gate_up", slice(0, inter), h_in), ("gate_up", slice(inter, 2 * inter), h_in),
+                     ("down", slice(None), h_mid))
+            for key, rows, hess in parts:
+                w, keep, info = sparsegpt(new[key][e][rows], hess, pattern, blocksize, percdamp, dtype)
+                new[key][e][rows], masks[key][e][rows] = w, keep
+                damp, dead, loss = max(damp, info["damp"]), dead + info["dead_columns"], loss + info["obs_loss"]
+        del h_ins, h_mids
     info = {
         "fallback_experts": fallback, "fallback_method": "magnitude", "hessian": mode, "tokens_per_expert": tokens,
         "max_damp": damp, "dead_columns": dead, "obs_loss": loss, "blocksize": blocksize, "percdamp": percdamp,
