@@ -22,7 +22,8 @@ What differs: Snakemake's benchmark files measure the client, so their ``s`` (wa
 ``max_rss`` and ``cpu_time`` are not; memory benchmarks set ``PRUNING_WARM_START=0``. Without the variable
 (SLURM jobs, scripts run by hand, the tests' in-process calls) :func:`handoff` does nothing.
 
-The server exits when the Snakemake process that owns it is gone, or after ``IDLE_S`` seconds without a job.
+The server exits when the Snakemake process that owns it is gone, or after ``IDLE_S`` seconds without a job
+(long: while a long job that started before the server runs, e.g. training, the server must wait for the rest).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ CHILD_ENV = "PRUNING_WARM_CHILD"  # set in a forked job: handoff() is then a no-
 T0_ENV = "PRUNING_JOB_T0"  # when the job's own (client) process started, for the start-up figure
 OWNER_ENV = "PRUNING_WARM_OWNER"  # the Snakemake process the server serves: it exits when that one is gone
 SWITCH_ENV = "PRUNING_WARM_START"  # 0 = every job starts cold (memory benchmarks: benchmark files then measure the job)
-IDLE_S = 120.0
+IDLE_S = 3600.0  # a safety net: the server leaves with its owner, and a job may run an hour without the server
 # Imported once by the server: what a job's process otherwise spends its start-up on (Snakemake's script preamble
 # included). No project module.
 PRELOAD = (
