@@ -1,16 +1,25 @@
 """Benchmarks, printed side by side in one run.
 
 1. The calibration pass (layer-by-layer streaming with statistics) over a plain forward of the same
-   tokens through the same decoder layers (target <= 1.3x).
+   tokens through the same decoder layers (target <= 1.3x), and the same pass with the statistics
+   accumulated in the per-statistic form (one temporary and one reduction per statistic and expert call,
+   the form before issue 17): its ratio, and whether its statistics are bitwise those of the pass.
+   The three are timed interleaved (plain, pass, per-statistic pass, repeated), on a shared machine; the
+   ratio is the median of the per-repeat ratios. ``--hidden H`` times a random model of the built-in tiny
+   model's architecture (``pruning.models.tiny.build_config``) of hidden size H (intermediate 2H, ``--experts``
+   experts, top-2, 4 layers) instead of ``--model``, so that the ratio
+   is not the Python overhead of a toy.
 2. One sweep of 3 methods x 3 sparsities (one shared calibration) against 9 separate single runs,
    each a fresh Snakemake run from the same trained model.
 
     python bench/bench_calibration.py [--model results/tiny/base] [--skip-sweep]
+    python bench/bench_calibration.py --hidden 512 --skip-sweep
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,11 +29,47 @@ from pathlib import Path
 import torch
 import yaml
 
-from timing import ROOT, timed  # also puts the repository on sys.path
+from timing import ROOT  # also puts the repository on sys.path
 
-from pruning.calib.stream import ResidentSource, stream
+import pruning.calib.stream as calib_stream
+from pruning.calib.stats import LayerStats
+from pruning.calib.stream import stream
 from pruning.models import get_adapter
 from pruning.models.checkpoint import load_model
+from pruning.models.layer_source import ResidentSource
+
+
+class PerStatisticStats(LayerStats):
+    """The per-statistic form: a temporary and a reduction for each statistic of each expert call."""
+
+    def add_expert(self, e, x, g, h):
+        n = x.shape[0]
+        self._count[e] += n
+        if n == 0:
+            return
+        H, I = self.hidden, self.intermediate
+        x, h, g = x.float(), h.float(), g.float()[:, None]
+        self._sums[e, :H] += (x * x).sum(0)
+        self._sums[e, H : H + I] += (h * h).sum(0)
+        self._sums[e, H + I : 2 * H + I] += ((g * x) ** 2).sum(0)
+        self._sums[e, 2 * H + I :] += ((g * h) ** 2).sum(0)
+        self._sum_weight[e] += g.sum()
+
+
+def random_model(hidden: int, experts: int, layers: int = 4, seed: int = 0) -> Path:
+    """A seeded random checkpoint of the tiny model's architecture (intermediate 2 x hidden, top-2) in a temporary
+    directory."""
+    from transformers import AutoModelForCausalLM
+
+    from pruning.models.tiny import build_config
+
+    torch.manual_seed(seed)
+    heads = max(4, hidden // 64)
+    arch = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_layers": layers, "num_heads": heads,
+            "num_kv_heads": heads, "num_experts": experts, "top_k": 2, "router_aux_loss_coef": 0.0}
+    d = Path(tempfile.mkdtemp(prefix="bench-calib-"))
+    AutoModelForCausalLM.from_config(build_config(4096, arch, 512, 0)).save_pretrained(d)
+    return d
 
 
 def bench_calibration(model_dir, nsamples, seqlen, batch_size, repeats):
@@ -37,16 +82,39 @@ def bench_calibration(model_dir, nsamples, seqlen, batch_size, repeats):
         for i in range(0, nsamples, batch_size):
             model.model(input_ids=tokens[i : i + batch_size])
 
-    def calib():
-        for _ in stream(ResidentSource(model, adapter), adapter, tokens, batch_size, progress=False):
-            pass
+    def calib(stats_class=LayerStats):
+        calib_stream.LayerStats = stats_class
+        try:
+            return {i: st for i, _, st in stream(ResidentSource(model, adapter), adapter, tokens, batch_size,
+                                                  progress=False)}
+        finally:
+            calib_stream.LayerStats = LayerStats
 
     plain()  # warm-up
-    t_plain, t_calib = timed(plain, repeats), timed(calib, repeats)
-    print(f"calibration pass  {nsamples}x{seqlen} tokens, {adapter.num_layers} layers, batch {batch_size}")
-    print(f"  plain forward      {t_plain:8.3f} s")
-    print(f"  calibration pass   {t_calib:8.3f} s")
-    print(f"  ratio              {t_calib / t_plain:8.2f} x   (target <= 1.3x)")
+    runs = {"plain": plain, "pass": calib, "per-statistic": lambda: calib(PerStatisticStats)}
+    times = {k: [] for k in runs}
+    for _ in range(repeats):  # interleaved: a load change on the shared machine hits all three alike
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    same = _same_stats(calib(), calib(PerStatisticStats))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = lambda k: statistics.median(t / p for t, p in zip(times[k], times["plain"]))  # noqa: E731
+    cfg = model.config
+    print(f"calibration pass  {nsamples}x{seqlen} tokens, {adapter.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"{adapter.num_experts} experts, top-{cfg.num_experts_per_tok}, batch {batch_size}, "
+          f"{torch.get_num_threads()} threads, median of {repeats} interleaved")
+    print(f"  plain forward              {med['plain']:8.3f} s")
+    print(f"  calibration pass           {med['pass']:8.3f} s   ratio {ratio('pass'):5.2f} x   (target <= 1.3x)")
+    print(f"  per-statistic form (old)   {med['per-statistic']:8.3f} s   ratio {ratio('per-statistic'):5.2f} x")
+    print(f"  statistics bitwise equal to the per-statistic form: {same}")
+    return ratio("pass")
+
+
+def _same_stats(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i]) for i in a)
 
 
 def bench_sweep(model_dir, corpus_dir, gpus):
@@ -87,9 +155,18 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--gpus", type=int, default=2, help="--resources gpu=N for the Snakemake runs (jobs run on CPU without CUDA)")
+    ap.add_argument("--hidden", type=int, help="time a random model of this hidden size instead of --model")
+    ap.add_argument("--experts", type=int, default=8, help="experts of the --hidden model")
     a = ap.parse_args()
-    if not Path(a.model, "config.json").exists():
-        sys.exit(f"{a.model}: no checkpoint; run the pipeline first (dvc repro) or pass --model")
-    bench_calibration(a.model, a.nsamples, a.seqlen, a.batch_size, a.repeats)
+    if a.hidden:
+        d = random_model(a.hidden, a.experts)
+        try:
+            bench_calibration(d, a.nsamples, a.seqlen, a.batch_size, a.repeats)
+        finally:
+            shutil.rmtree(d)
+    else:
+        if not Path(a.model, "config.json").exists():
+            sys.exit(f"{a.model}: no checkpoint; run the pipeline first (dvc repro) or pass --model")
+        bench_calibration(a.model, a.nsamples, a.seqlen, a.batch_size, a.repeats)
     if not a.skip_sweep:
         bench_sweep(a.model, a.corpus, a.gpus)

@@ -387,7 +387,7 @@ def summarize(report: dict) -> tuple[str, dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=Path("/tmp/fresh/results/tiny/base"),
+    ap.add_argument("--model", type=Path, default=ROOT / "results/tiny/base",
                     help="the trained tiny checkpoint (config.json, model.safetensors, tokenizer.json)")
     ap.add_argument("--corpus", type=Path, default=None,
                     help="the built-in corpus dir (train/validation/test.jsonl); default data/builtin of the checkout, "

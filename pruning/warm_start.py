@@ -11,8 +11,8 @@ cwd, environment, stdout/stderr, argv, thread count) and runs the script from th
 a no-op. The client exits with the child's exit status.
 
 What stays exactly as in a cold process:
-- The code: the server never imports this project's modules (only this one), so every job imports the
-  current sources of ``pruning/``; third-party packages are the ones a cold process would import.
+- The code: the server forgets this project's modules after reading the adapters' list of families, so every
+  job imports the current sources of ``pruning/``; third-party packages are the ones a cold process would import.
 - The numbers: each child sets torch's threads from ``OMP_NUM_THREADS`` as a cold process does, and jobs seed
   everything themselves. The server never runs a tensor operation, so no OpenMP pool exists at fork time.
 - Killing: when the client dies (a kill of Snakemake's session, Ctrl-C, a job cancelled), the server sees its
@@ -42,14 +42,12 @@ OWNER_ENV = "PRUNING_WARM_OWNER"  # the Snakemake process the server serves: it 
 SWITCH_ENV = "PRUNING_WARM_START"  # 0 = every job starts cold (memory benchmarks: benchmark files then measure the job)
 IDLE_S = 3600.0  # a safety net: the server leaves with its owner, and a job may run an hour without the server
 # Imported once by the server: what a job's process otherwise spends its start-up on (Snakemake's script preamble
-# included). No project module.
+# included), then the modelling module of every supported family (their names from the adapters' registry).
 PRELOAD = (
-    "snakemake.script", "snakemake.io", "snakemake.iocontainers", "snakemake.logging", "numpy", "torch", "safetensors.torch", "tokenizers", "yaml", "tqdm", "transformers",
-    "transformers.modeling_utils", "transformers.generation.utils", "transformers.models.auto.modeling_auto",
-    "transformers.models.mixtral.modeling_mixtral", "transformers.models.qwen2_moe.modeling_qwen2_moe",
-    "transformers.models.qwen3_moe.modeling_qwen3_moe", "transformers.models.olmoe.modeling_olmoe",
-    "transformers.models.deepseek_v3.modeling_deepseek_v3", "transformers.models.gpt_oss.modeling_gpt_oss",
-    "lm_eval.evaluator", "lm_eval.models.huggingface", "lm_eval.tasks",
+    "snakemake.script", "snakemake.io", "snakemake.iocontainers", "snakemake.logging", "numpy", "torch",
+    "safetensors.torch", "tokenizers", "yaml", "tqdm", "transformers", "transformers.modeling_utils",
+    "transformers.generation.utils", "transformers.models.auto.modeling_auto", "lm_eval.evaluator",
+    "lm_eval.models.huggingface", "lm_eval.tasks",
 )
 
 
@@ -159,11 +157,7 @@ def serve(path: str, owner_pid: int, idle_s: float = IDLE_S) -> None:
     import importlib
     import selectors
 
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - an optional family or lm-eval missing: jobs import what they need
-            pass
+    _preload(importlib)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -215,6 +209,25 @@ def serve(path: str, owner_pid: int, idle_s: float = IDLE_S) -> None:
                 os.unlink(f)
             except OSError:
                 pass
+
+
+def _preload(importlib) -> None:
+    """Import PRELOAD and the supported families' modelling modules; then forget this project's modules, so
+    that every job imports the current sources."""
+    names = list(PRELOAD)
+    try:
+        from pruning.models import SUPPORTED_MODEL_TYPES
+
+        names += [f"transformers.models.{t}.modeling_{t}" for t in SUPPORTED_MODEL_TYPES]
+    except Exception:  # noqa: BLE001 - the jobs will say what is wrong
+        pass
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - an optional package missing: jobs import what they need
+            pass
+    for name in [m for m in sys.modules if m == "pruning" or m.startswith("pruning.")]:
+        del sys.modules[name]
 
 
 def _start_job(conn, listener, sel) -> int | None:
