@@ -6,7 +6,7 @@ start the client's process, the fork and the imports of this project's modules),
 benchmark file beside it gives the job's wall time ``s``, which also holds what Snakemake spends launching it.
 The DAG's wall time runs from the first job's start to the last job's end (the log lines' timestamps).
 
-    python bench/bench_startup.py RUN_DIR [RUN_DIR ...] [--cores 2] [--readme README.md]
+    python bench/bench_startup.py RUN_DIR [RUN_DIR ...] [--label NAME ...] [--cores 2] [--readme README.md]
 
 With several run directories (the same params run cold, ``PRUNING_WARM_START=0``, and warm), the table has one
 block per run and the ratios of their DAG wall times.
@@ -52,7 +52,7 @@ def jobs(run: Path) -> list[dict]:
     return rows
 
 
-def summary(run: Path, cores: int) -> dict:
+def summary(run: Path, cores: int, label: str | None = None) -> dict:
     rows = jobs(run)
     if not rows:
         raise SystemExit(f"{run}: no job logs with a timing line (a run of this code, under results/)")
@@ -66,7 +66,7 @@ def summary(run: Path, cores: int) -> dict:
     total = {k: sum(r[k] for r in rows) for k in ("wall", "startup", "compute")}
     # What Snakemake spends around a job (writing its script, spawning, benchmarking) counts as start-up too.
     launch = sum(max(0.0, r["wall"] - r["startup"] - r["compute"]) for r in rows)
-    return {"run": str(run), "jobs": len(rows), "dag_wall": dag, "cores": cores, "per_rule": dict(per_rule),
+    return {"run": str(run), "label": label or run.name, "jobs": len(rows), "dag_wall": dag, "cores": cores, "per_rule": dict(per_rule),
             "total": total, "launch": launch,
             "startup_share_of_job_time": (total["startup"] + launch) / total["wall"],
             "startup_share_of_dag": (total["startup"] + launch) / (cores * dag)}
@@ -75,7 +75,7 @@ def summary(run: Path, cores: int) -> dict:
 def table(runs: list[dict]) -> str:
     out = []
     for s in runs:
-        out.append(f"**{Path(s['run']).name}**: {s['jobs']} jobs, start-up "
+        out.append(f"**{s['label']}**: {s['jobs']} jobs in {s['dag_wall']:.0f} s, start-up "
                    f"{100 * s['startup_share_of_dag']:.1f}% of the DAG's wall time on {s['cores']} cores "
                    f"({100 * s['startup_share_of_job_time']:.1f}% of the job-seconds)\n")
         out.append("| rule | jobs | wall s / job | start-up s / job | compute s / job | start-up share |")
@@ -88,7 +88,7 @@ def table(runs: list[dict]) -> str:
     if len(runs) > 1:
         ref = runs[0]
         for s in runs[1:]:
-            out.append(f"DAG wall time, {Path(s['run']).name} / {Path(ref['run']).name}: "
+            out.append(f"DAG wall time, {s['label']} / {ref['label']}: "
                        f"{s['dag_wall'] / ref['dag_wall']:.2f}; start-up job-seconds: "
                        f"{(s['total']['startup'] + s['launch']) / (ref['total']['startup'] + ref['launch']):.2f}")
     return "\n".join(out).rstrip() + "\n"
@@ -98,9 +98,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--label", action="append", help="a run's name in the table, once per run (default: its folder)")
     ap.add_argument("--readme", type=Path, help="splice the table between <!-- startup:begin/end -->")
     args = ap.parse_args()
-    runs = [summary(r, args.cores) for r in args.runs]
+    labels = args.label or [None] * len(args.runs)
+    runs = [summary(r, args.cores, label) for r, label in zip(args.runs, labels)]
     text = table(runs)
     print(text)
     if args.readme:
