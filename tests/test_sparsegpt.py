@@ -131,16 +131,21 @@ def _naive_hessians(model, layer_idx, inputs, mode):
     return h_in, h_mid
 
 
+def _layers_with_reference(model, adapter, mode, **route):
+    """Per MoE layer 0 and 1 of the tiny model on 3 x 16 random tokens: (layer index, MoE inputs, routing, naive
+    per-token Hessians of every expert)."""
+    tokens = torch.randint(0, 64, (3, 16))
+    for layer_idx in (0, 1):
+        inputs = _moe_inputs(model, adapter, layer_idx, tokens)
+        routing = Router(model.model.layers[layer_idx].mlp.gate.weight, adapter.rule()).route(inputs, **route)
+        yield (layer_idx, inputs, routing, *_naive_hessians(model, layer_idx, inputs, mode))
+
+
 @pytest.mark.parametrize("mode", HESSIAN_MODES)
 def test_expert_hessians_equal_per_token_loop(tiny_mixtral, mode):
     model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
-    tokens = torch.randint(0, 64, (3, 16))
     with torch.no_grad():
-        for layer_idx in (0, 1):
-            inputs = _moe_inputs(model, adapter, layer_idx, tokens)
-            mlp = model.model.layers[layer_idx].mlp
-            routing = Router(mlp.gate.weight, adapter.rule()).route(inputs, chunk=7)
-            ref_in, ref_mid = _naive_hessians(model, layer_idx, inputs, mode)
+        for layer_idx, inputs, routing, ref_in, ref_mid in _layers_with_reference(model, adapter, mode, chunk=7):
             for e in range(adapter.num_experts):
                 h_in, h_mid, n = expert_hessians(
                     mode, inputs, routing, e, adapter.expert_weights(model.model.layers[layer_idx]), torch.float64, chunk=5
@@ -197,13 +202,8 @@ def test_batched_layer_hessians_equal_per_token_loop(tiny_mixtral, mode):
     from pruning.weights.hessian import layer_hessians
 
     model, adapter = tiny_mixtral, get_adapter(tiny_mixtral.config)
-    tokens = torch.randint(0, 64, (3, 16))
     with torch.no_grad():
-        for layer_idx in (0, 1):
-            inputs = _moe_inputs(model, adapter, layer_idx, tokens)
-            mlp = model.model.layers[layer_idx].mlp
-            routing = Router(mlp.gate.weight, adapter.rule()).route(inputs)
-            ref_in, ref_mid = _naive_hessians(model, layer_idx, inputs, mode)
+        for layer_idx, inputs, routing, ref_in, ref_mid in _layers_with_reference(model, adapter, mode):
             experts = adapter.expert_weights(model.model.layers[layer_idx])
             for chunk, start, stop in [(8192, 0, 4), (9, 0, 4), (1, 1, 3), (5, 3, 4)]:
                 h_in, h_mid, n = layer_hessians(mode, inputs, routing, experts, torch.float64, chunk, start, stop)
